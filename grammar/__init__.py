@@ -1,0 +1,1 @@
+"""The Lark grammar of maddy's configuration language (package data: maddy.lark)."""

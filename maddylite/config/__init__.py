@@ -1,0 +1,1 @@
+"""Configuration: the maddy language parser, config nodes, typed directives and errors."""

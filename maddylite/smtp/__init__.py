@@ -1,0 +1,1 @@
+"""Shared SMTP protocol pieces: reply codes, enhanced codes and the SMTP error value."""

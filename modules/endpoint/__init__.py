@@ -1,0 +1,1 @@
+"""Built-in endpoint modules."""

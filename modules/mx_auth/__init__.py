@@ -1,0 +1,1 @@
+"""Built-in mx_auth modules."""
