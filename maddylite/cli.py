@@ -1,0 +1,95 @@
+"""The ``maddylite`` command: run, check-config, directives, --version.
+
+``run`` serves in the foreground; ``check-config`` validates a configuration without
+starting anything (exit 1 with every error, each positioned); ``directives`` prints
+the reference of a module rendered from its directive declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from maddylite import __version__
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from maddylite.runtime import find_config, run_server
+
+    return run_server(find_config(args.config))
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from maddylite.config.errors import ConfigError, ConfigErrors
+    from maddylite.runtime import Runtime, find_config
+
+    source = find_config(args.path or args.config)
+    rt = Runtime(source)
+    try:
+        rt.configure(require_endpoint=False)
+    except ConfigErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for w in rt.warnings:
+        print(f"{source.name}: warning: {w}", file=sys.stderr)
+    print(f"{source.name}: configuration is valid ({len(rt.modules)} module instances)")
+    return 0
+
+
+def _cmd_directives(args: argparse.Namespace) -> int:
+    from maddylite.docs import module_names, render_globals, render_module
+
+    if not args.module:
+        print(render_globals())
+        print("Modules:")
+        for name in module_names():
+            print(f"  {name}")
+        return 0
+    try:
+        print(render_module(args.module))
+    except KeyError:
+        print(f"maddylite: unknown module: {args.module}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """build_parser returns the argument parser of the ``maddylite`` command."""
+    p = argparse.ArgumentParser(prog="maddylite", description="A secure outbound mail server.")
+    p.add_argument("--version", action="version", version=f"maddylite {__version__}")
+    p.add_argument("--config", help="configuration file (default: $MADDYLITE_CONFIG, the platform config dir, then the embedded default)")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run the server in the foreground")
+    r.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    r.set_defaults(func=_cmd_run)
+    c = sub.add_parser("check-config", help="validate a configuration without starting anything")
+    c.add_argument("path", nargs="?")
+    c.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    c.set_defaults(func=_cmd_check_config)
+    d = sub.add_parser("directives", help="print the directive reference of a module")
+    d.add_argument("module", nargs="?")
+    d.set_defaults(func=_cmd_directives)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """main is the console entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        return 0

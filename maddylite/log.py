@@ -1,0 +1,101 @@
+"""Logging in maddy's style: ``module: message key=value ...`` on stderr, or JSON lines.
+
+A :class:`Logger` is cheap to create and carries a module label and a debug flag. The
+output sink is process-wide (:func:`configure_output`); ``log`` in the configuration
+chooses it (``stderr`` or ``off``, or a file path), and SIGUSR1 reopens a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any
+
+_out: IO[str] = sys.stderr
+_json = False
+_path: str | None = None
+_enabled = True
+
+
+def configure_output(targets: tuple[str, ...] = ("stderr",), json_format: bool = False) -> None:
+    """configure_output selects where log lines go: ``stderr``, ``off`` or a file path."""
+    global _out, _json, _path, _enabled
+    _json = json_format
+    _enabled = True
+    _path = None
+    target = targets[0] if targets else "stderr"
+    if target == "off":
+        _enabled = False
+    elif target in ("stderr", "syslog"):
+        _out = sys.stderr
+    elif target == "stdout":
+        _out = sys.stdout
+    else:
+        _path = target
+        _out = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+
+def reopen() -> None:
+    """reopen reopens a log file (SIGUSR1), so that rotated logs are released."""
+    global _out
+    if _path is not None:
+        old = _out
+        _out = open(_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        old.close()
+
+
+def _fmt_value(v: Any) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' ="\n\t'):
+        return json.dumps(s, ensure_ascii=False)
+    return s
+
+
+class Logger:
+    """Logger writes structured lines for one module instance."""
+
+    def __init__(self, name: str, debug: bool = False) -> None:
+        self.name = name
+        self.debug_enabled = debug
+
+    def child(self, name: str, debug: bool | None = None) -> Logger:
+        """child returns a logger for a sub-component (``remote/pool``)."""
+        return Logger(f"{self.name}/{name}" if self.name else name, self.debug_enabled if debug is None else debug)
+
+    def _emit(self, level: str, msg: str, fields: dict[str, Any]) -> None:
+        if not _enabled:
+            return
+        if _json:
+            rec: dict[str, Any] = {"ts": time.time(), "level": level, "module": self.name, "msg": msg}
+            rec.update({k: (v if isinstance(v, (int, float, bool)) or v is None else str(v)) for k, v in fields.items()})
+            line = json.dumps(rec, ensure_ascii=False)
+        else:
+            prefix = f"{self.name}: " if self.name else ""
+            tag = "[debug] " if level == "debug" else ""
+            kv = " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
+            line = f"{tag}{prefix}{msg}" + (f"\t{kv}" if kv else "")
+        try:
+            _out.write(line + "\n")
+            _out.flush()
+        except (OSError, ValueError):
+            pass
+
+    def info(self, msg: str, **fields: Any) -> None:
+        """info logs an ordinary event."""
+        self._emit("info", msg, fields)
+
+    def warn(self, msg: str, **fields: Any) -> None:
+        """warn logs a problem that did not stop anything."""
+        self._emit("warn", msg, fields)
+
+    def error(self, msg: str, err: BaseException | str | None = None, **fields: Any) -> None:
+        """error logs a failure, with the error text as the ``reason`` field."""
+        if err is not None:
+            fields = {"reason": str(err), **fields}
+        self._emit("error", msg, fields)
+
+    def debug(self, msg: str, **fields: Any) -> None:
+        """debug logs only when debug output is on for this module."""
+        if self.debug_enabled:
+            self._emit("debug", msg, fields)

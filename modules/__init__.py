@@ -1,0 +1,10 @@
+"""The built-in modules: this explicit list is the only place they are loaded from.
+
+Importing a module file registers its classes (maddylite.registry.register). There is no
+directory scanning.
+"""
+
+from maddylite.modules import dummy  # noqa: F401  "dummy"
+from maddylite.modules.endpoint import smtp  # noqa: F401  "smtp"
+
+__all__ = ["dummy", "smtp"]
