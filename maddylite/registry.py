@@ -277,10 +277,8 @@ class Builder:
         inline module's arguments and the node's block is its configuration.
         """
         if not node.args:
-            if node.has_block:
-                # ``mx_auth { ... }``: the directive itself names the module.
-                return self.inline_module(node.name, (), node, role=role, namespace=namespace, ref=node)
-            raise ConfigError("expected a module reference or an inline module").at_node(node)
+            # ``mx_auth { ... }`` or a bare ``mx_auth``: the directive names the module.
+            return self.inline_module(node.name, (), node, role=role, namespace=namespace, ref=node)
         first = node.args[0]
         if first.startswith("&"):
             if len(node.args) != 1 or node.has_block:

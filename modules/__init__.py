@@ -4,7 +4,10 @@ Importing a module file registers its classes (maddylite.registry.register). The
 directory scanning.
 """
 
-from maddylite.modules import dummy  # noqa: F401  "dummy"
+from maddylite.modules import (
+    dummy,  # noqa: F401  "dummy"
+    limits,  # noqa: F401  "limits"
+)
 from maddylite.modules.endpoint import smtp  # noqa: F401  "smtp"
 
-__all__ = ["dummy", "smtp"]
+__all__ = ["dummy", "dnssec", "limits", "local_policy", "mx_auth", "remote", "smtp", "sts_preload"]
