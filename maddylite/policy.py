@@ -5,8 +5,8 @@ encrypted < authenticated. For every MX candidate target.remote builds an
 :class:`MXCandidate` and calls, on each per-delivery policy object in the group's
 declared order:
 
-1. ``prepare_domain(domain)`` once per recipient domain, before the MX lookup finishes
-   (MTA-STS starts its TXT lookup here, C-14);
+1. ``prepare_domain(domain, resolver)`` once per recipient domain, before the MX lookup
+   (MTA-STS starts its TXT lookup here, in parallel with the MX lookup, C-14);
 2. ``check_mx(cand)`` before connecting: returns the MX level it grants (never lower
    than ``cand.mx_level``) or raises an SMTPError to skip this MX without a TCP
    connection (B-58);
@@ -71,13 +71,15 @@ class MXCandidate:
     tls_level: TLSLevel = TLSLevel.NONE
     conn: Any = None
     tls_err: str | None = None
+    #: The maddylite.dns.Resolver the delivery uses; policies make their lookups with it.
+    resolver: Any = None
     fields: dict[str, Any] = field(default_factory=dict)
 
 
 class DeliveryPolicy:
     """DeliveryPolicy is the per-delivery object of one policy; the defaults do nothing."""
 
-    def prepare_domain(self, domain: str) -> None:
+    def prepare_domain(self, domain: str, resolver: Any) -> None:
         """prepare_domain starts per-domain work (lookups) for a recipient domain."""
 
     def check_mx(self, cand: MXCandidate) -> MXLevel:

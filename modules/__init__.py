@@ -5,9 +5,16 @@ directory scanning.
 """
 
 from maddylite.modules import (
-    dummy,  # noqa: F401  "dummy"
-    limits,  # noqa: F401  "limits"
+    dummy,  # "dummy"
+    limits,  # "limits"
+    mx_auth,  # "mx_auth"
 )
-from maddylite.modules.endpoint import smtp  # noqa: F401  "smtp"
+from maddylite.modules.endpoint import smtp  # "smtp"
+from maddylite.modules.mx_auth import (
+    dnssec,  # "mx_auth.dnssec"
+    local_policy,  # "mx_auth.local_policy"
+    sts_preload,  # "mx_auth.sts_preload"
+)
+from maddylite.modules.target import remote  # "target.remote"
 
 __all__ = ["dummy", "dnssec", "limits", "local_policy", "mx_auth", "remote", "smtp", "sts_preload"]

@@ -445,14 +445,15 @@ class RemoteDelivery:
         if ans.null_mx:
             raise E.NULL_MX.error()
         ordered = dns.ordered_mx(ans.records, self.t.rng)
-        cands = [MXCandidate(domain, host if host.endswith(".") else host + ".", pref, mx_authenticated=ans.authenticated, implicit=ans.implicit)
+        cands = [MXCandidate(domain, host if host.endswith(".") else host + ".", pref, mx_authenticated=ans.authenticated,
+                             implicit=ans.implicit, resolver=resolver)
                  for pref, host in ordered]
         return cands, ans.authenticated
 
     def _connect_domain(self, dc: _DomainConn) -> None:
         """_connect_domain tries the MXes in order until one passes every check."""
         for p in self.policies:
-            p.prepare_domain(dc.domain)
+            p.prepare_domain(dc.domain, self.t.resolver)
         cands, _ = self._resolve_mx(dc.domain)
         last: SMTPError | None = None
         any_temp = False
