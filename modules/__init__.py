@@ -11,10 +11,14 @@ from maddylite.modules import (
 )
 from maddylite.modules.endpoint import smtp  # "smtp"
 from maddylite.modules.mx_auth import (
+    dane,  # "mx_auth.dane"
     dnssec,  # "mx_auth.dnssec"
     local_policy,  # "mx_auth.local_policy"
     sts_preload,  # "mx_auth.sts_preload"
 )
-from maddylite.modules.target import remote  # "target.remote"
+from maddylite.modules.target import (
+    queue,  # "target.queue"
+    remote,  # "target.remote"
+)
 
-__all__ = ["dummy", "dnssec", "limits", "local_policy", "mx_auth", "remote", "smtp", "sts_preload"]
+__all__ = ["dane", "dummy", "dnssec", "limits", "local_policy", "mx_auth", "queue", "remote", "smtp", "sts_preload"]

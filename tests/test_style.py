@@ -47,3 +47,12 @@ def test_config_errors_are_lowercase_sentences(path):
             continue
         assert not msg[0].isupper(), f"{path}: {msg!r}"
         assert not msg.endswith("."), f"{path}: {msg!r}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_satisfies_declared_roles(name):
+    """Every registered class has the methods of the roles it declares (an interface guard)."""
+    cls = MODULES[name]
+    for role in cls.roles:
+        missing = [m for m in dir(role) if not m.startswith("_") and callable(getattr(role, m, None)) and not hasattr(cls, m)]
+        assert not missing, f"{name} lacks {missing} of {role.__name__}"
