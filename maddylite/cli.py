@@ -1,4 +1,4 @@
-"""The ``maddylite`` command: run, check-config, directives, --version.
+"""The ``maddylite`` command: run, check-config, deliver, queue, directives, --version.
 
 ``run`` serves in the foreground; ``check-config`` validates a configuration without
 starting anything (exit 1 with every error, each positioned); ``directives`` prints
@@ -61,6 +61,49 @@ def _cmd_directives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guard(fn):  # noqa: ANN001, ANN202 - decorator
+    """_guard turns a ConfigError into a positioned message and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from maddylite.config.errors import ConfigError
+
+        try:
+            return int(fn(args))
+        except ConfigError as e:
+            print(f"maddylite: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_guard
+def _cmd_deliver(args: argparse.Namespace) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from maddylite.runtime import find_config
+    from maddylite.tools import deliver
+
+    raw = sys.stdin.buffer.read()
+    return deliver(find_config(args.config), args.target, args.mail_from, args.to, raw)
+
+
+@_guard
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from maddylite.runtime import find_config
+    from maddylite.tools import queue_drop, queue_flush, queue_list
+
+    source = find_config(args.config)
+    if args.action == "list":
+        return queue_list(source)
+    if args.action == "flush":
+        return queue_flush(source, args.id)
+    if not args.id:
+        print("maddylite: queue drop needs a message id", file=sys.stderr)
+        return 2
+    return queue_drop(source, args.id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """build_parser returns the argument parser of the ``maddylite`` command."""
     p = argparse.ArgumentParser(prog="maddylite", description="A secure outbound mail server.")
@@ -74,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", nargs="?")
     c.add_argument("--config", dest="config", default=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_check_config)
+    dl = sub.add_parser("deliver", help="send one message (read from stdin) through a target now")
+    dl.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    dl.add_argument("--target", help="instance name of the target (default: the only target.remote)")
+    dl.add_argument("--from", dest="mail_from", required=True, help="envelope sender ('' for <>)")
+    dl.add_argument("--to", nargs="+", required=True, help="recipients")
+    dl.set_defaults(func=_cmd_deliver)
+    q = sub.add_parser("queue", help="inspect and steer the queues of a configuration")
+    q.add_argument("action", choices=("list", "flush", "drop"))
+    q.add_argument("id", nargs="?")
+    q.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    q.set_defaults(func=_cmd_queue)
     d = sub.add_parser("directives", help="print the directive reference of a module")
     d.add_argument("module", nargs="?")
     d.set_defaults(func=_cmd_directives)
