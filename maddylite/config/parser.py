@@ -355,7 +355,9 @@ _STRAY_CLOSE = "stray close"
 _AFTER_CLOSE = "after close"
 
 # Malformed inputs for Lark's match_examples: an error whose parser state (and expected
-# tokens) matches one of these gets that label's message.
+# tokens) matches one of these gets that label's message. Lark compares states together
+# with the stack depth, so these cover the shallow cases; deeper ones fall back to
+# _classify, which judges by the offending token and the one before it.
 _EXAMPLES: dict[str, list[str]] = {
     _BLOCK_HEADER: [
         "{",
