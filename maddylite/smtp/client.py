@@ -231,8 +231,8 @@ class SMTPConnection:
         self._clock = clock
         self.created = clock()
         self.last_used = self.created
-        self.local_address: tuple[str, int] = _addr_pair(sock.getsockname())
-        self.remote_address: tuple[str, int] = _addr_pair(sock.getpeername())
+        self.local_address: tuple[str, int] = _addr_pair(sock, "getsockname")
+        self.remote_address: tuple[str, int] = _addr_pair(sock, "getpeername")
         self.broken = False
         self.broken_reason: str | None = None
         self.tls = False
@@ -298,6 +298,8 @@ class SMTPConnection:
         case, parameters kept as one string); after HELO none are known. Any other
         negative reply, or a failed HELO, raises.
         """
+        if not hostname or _BAD_ARG_CHARS.search(hostname):
+            raise _bad_argument("invalid EHLO hostname")
         self.extensions = {}
         self.esmtp = False
         reply = self._exchange(f"EHLO {hostname}\r\n".encode(), "EHLO")
@@ -801,11 +803,14 @@ def _parse_extensions(lines: Sequence[str]) -> dict[str, str]:
     return exts
 
 
-def _addr_pair(addr: Any) -> tuple[str, int]:
+def _addr_pair(sock: Any, method: str) -> tuple[str, int]:
+    # A peer that reset right after connecting makes getpeername fail; the next read
+    # reports the failure properly, so metadata just stays empty here.
     try:
+        addr = getattr(sock, method)()
         return (str(addr[0]), int(addr[1]))
-    except (TypeError, IndexError, ValueError):
-        return (str(addr), 0)
+    except (OSError, TypeError, IndexError, ValueError):
+        return ("", 0)
 
 
 # --- dialing ------------------------------------------------------------------------------
