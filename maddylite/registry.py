@@ -269,6 +269,17 @@ class Builder:
         self._instances[key] = inst
         return inst
 
+    def current_instance(self) -> str | None:
+        """current_instance is the top-level instance being configured right now, if any."""
+        return self._stack[-1][0] if self._stack else None
+
+    def resolves_to(self, ref: str, instance_name: str) -> bool:
+        """resolves_to tells whether ``&name`` refers to the instance ``instance_name``."""
+        if not ref.startswith("&"):
+            return False
+        blk = self._blocks.get(ref[1:])
+        return blk is not None and blk.instance_name == instance_name
+
     def module_from_node(self, node: ConfigNode, *, role: type, namespace: str = "") -> Any:
         """module_from_node resolves a module-valued directive: ``&name`` or an inline block.
 

@@ -1,0 +1,1 @@
+"""Benchmarks of maddylite against its peers; run ``python -m bench [NAME...] [--quick]``."""

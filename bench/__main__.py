@@ -1,0 +1,65 @@
+"""python -m bench [NAME...] [--quick] [--json FILE] | --compare OLD.json NEW.json"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+from bench import config as config_bench
+
+BENCHES = {"config": config_bench.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """main runs the chosen benchmarks (all by default) and prints every figure."""
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHES)}")
+    p.add_argument("--quick", action="store_true", help="a smoke run (under two minutes)")
+    p.add_argument("--json", default="bench/results/latest.json", help="where to write the results")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two result files")
+    args = p.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    names = args.names or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    print(f"# maddylite benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}), quick={args.quick}")
+    figures = []
+    for name in names:
+        try:
+            figs = BENCHES[name](args.quick)
+        except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
+            print(f"{name}: not available ({type(e).__name__}: {e})")
+            continue
+        for f in figs:
+            print(f.render())
+            figures.append(f.as_dict())
+    import os
+
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as fp:
+        json.dump({"date": time.time(), "quick": args.quick, "figures": figures}, fp, indent=1)
+    print(f"# results written to {args.json}")
+    return 0
+
+
+def compare(old: str, new: str) -> int:
+    """compare prints the median change of every figure present in both files."""
+    a = {f["name"]: f for f in json.load(open(old))["figures"]}
+    b = {f["name"]: f for f in json.load(open(new))["figures"]}
+    import statistics
+
+    for name in sorted(set(a) & set(b)):
+        if not a[name]["ours"] or not b[name]["ours"]:
+            continue
+        ma, mb = statistics.median(a[name]["ours"]), statistics.median(b[name]["ours"])
+        print(f"{name}: {ma:.4g} -> {mb:.4g} {b[name]['unit']} ({(mb - ma) / ma * 100:+.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
