@@ -265,6 +265,9 @@ class _DomainConn:
     rcpts: list[str] = field(default_factory=list)
     dest_slot: bool = False
     reused: bool = False
+    #: A pooled connection still owes the RSET that is pipelined before its MAIL.
+    pending_rset: bool = False
+    mail_sent: bool = False
 
 
 class RemoteDelivery:
@@ -328,29 +331,87 @@ class RemoteDelivery:
                 dc.error = e
         if dc.error is not None:
             return {r: dc.error for r in rcpts}
+        if not dc.mail_sent:
+            return self._first_batch(dc, rcpts)
         assert dc.conn is not None
         out: dict[str, SMTPError | None] = {}
-        send: list[tuple[str, str]] = []
         for r in rcpts:
             try:
-                send.append((r, self._wire_address(dc.conn, r, sender=False)))
-            except SMTPError as e:
-                out[r] = e
-        for r, wire in send:
-            try:
-                dc.conn.rcpt(wire)
+                dc.conn.rcpt(self._wire_address(dc.conn, r, sender=False))
             except SMTPError as e:
                 out[r] = e
                 if dc.conn.broken:
                     self._drop(dc, e)
-                    for r2, _ in send:
+                    for r2 in rcpts:
                         out.setdefault(r2, e)
                     break
                 continue
-            out[r] = None
-            dc.rcpts.append(r)
-            self.rcpt_domain[r] = domain
+            self._accepted(dc, r, out)
         return out
+
+    def _accepted(self, dc: _DomainConn, rcpt: str, out: dict[str, SMTPError | None]) -> None:
+        out[rcpt] = None
+        dc.rcpts.append(rcpt)
+        self.rcpt_domain[rcpt] = dc.domain
+
+    def _first_batch(self, dc: _DomainConn, rcpts: list[str]) -> dict[str, SMTPError | None]:
+        """_first_batch sends [RSET] MAIL RCPT... in one round trip when PIPELINING is offered.
+
+        A pooled connection gets its RSET here (B-60); if that batch fails before MAIL is
+        answered, the connection was dead: it is discarded and the domain gets another
+        connection, transparently. A MAIL failure is final for the domain (B-19, B-20).
+        """
+        out: dict[str, SMTPError | None] = {}
+        for attempt in range(2):
+            conn = dc.conn
+            assert conn is not None
+            try:
+                params = self._mail_params(dc)
+                sender = self._wire_address(conn, self.mail_from, sender=True)
+            except SMTPError as e:
+                dc.error = e
+                return {r: e for r in rcpts}
+            wires: list[tuple[str, str]] = []
+            for r in rcpts:
+                try:
+                    wires.append((r, self._wire_address(conn, r, sender=False)))
+                except SMTPError as e:
+                    out[r] = e
+            try:
+                mail_res, rcpt_res = conn.mail_rcpts(sender, params, [w for _, w in wires], rset_first=dc.pending_rset)
+            except SMTPError as e:
+                conn.close()
+                dc.conn = None
+                if dc.pending_rset and attempt == 0:
+                    self.log.debug("pooled connection is dead, opening another", domain=dc.domain, reason=str(e))
+                    dc.pending_rset = False
+                    try:
+                        self._open(dc, use_pool=False)
+                    except SMTPError as e2:
+                        e = e2
+                    else:
+                        continue
+                self._release_dest(dc)
+                dc.error = e
+                return {r: e for r in rcpts}
+            dc.pending_rset = False
+            if isinstance(mail_res, SMTPError):
+                self.log.error("MAIL failed", mail_res, domain=dc.domain, remote_server=conn.remote_server)
+                conn.quit()
+                dc.conn = None
+                self._release_dest(dc)
+                dc.error = mail_res
+                return {r: mail_res for r in rcpts}
+            dc.mail_sent = True
+            for (r, _), res in zip(wires, rcpt_res, strict=True):
+                if isinstance(res, SMTPError):
+                    out[r] = res
+                else:
+                    self._accepted(dc, r, out)
+            if conn.broken:
+                self._drop(dc, E.NETWORK_IO.error(remote_server=conn.remote_server, reason=conn.broken_reason or "connection lost"))
+            return out
+        raise AssertionError("unreachable")
 
     def _wire_address(self, conn: SMTPConnection, addr: str, *, sender: bool) -> str:
         if addr.isascii() or (self.meta.smtputf8 and conn.supports("SMTPUTF8")):
@@ -370,42 +431,40 @@ class RemoteDelivery:
 
     # -- connecting ---------------------------------------------------------------
 
-    def _open(self, dc: _DomainConn) -> None:
-        """_open gives the domain a connection with MAIL sent, from the pool or new."""
+    def _open(self, dc: _DomainConn, use_pool: bool = True) -> None:
+        """_open gives the domain a connection (pooled or new) and its destination slot."""
         key = self.t.pool_key(dc.domain, self.skip_policies)
-        if not self.meta.requiretls:  # REQUIRETLS never uses the pool (B-68)
-            while True:
-                idle = self.t.pool.take(key)
-                if idle is None:
-                    break
-                try:
-                    idle.conn.rset()
-                except SMTPError:
-                    idle.conn.close()  # dead idle connection: discard, transparently (B-60)
-                    continue
+        if use_pool and not self.meta.requiretls:  # REQUIRETLS never uses the pool (B-68)
+            idle = self.t.pool.take(key)
+            if idle is not None:
                 cand = MXCandidate(dc.domain, idle.mx_host, 0, mx_level=idle.mx_level, tls_level=idle.tls_level, conn=idle.conn)
                 self.log.info("reusing cached connection", domain=dc.domain, transactions_counter=idle.conn.transactions,
                               local_addr=f"{idle.conn.local_address[0]}:{idle.conn.local_address[1]}",
                               remote_addr=f"{idle.conn.remote_address[0]}:{idle.conn.remote_address[1]}")
-                dc.conn, dc.cand, dc.reused = idle.conn, cand, True
-                self._mail(dc)
+                dc.conn, dc.cand, dc.reused, dc.pending_rset = idle.conn, cand, True, True
+                self._take_dest(dc)
                 return
         self._connect_domain(dc)
-        self._mail(dc)
+        self._take_dest(dc)
 
-    def _mail(self, dc: _DomainConn) -> None:
-        """_mail takes the destination slot and sends MAIL; a failure is the domain's (B-19)."""
+    def _take_dest(self, dc: _DomainConn) -> None:
+        """_take_dest waits for the destination slot before MAIL (B-114, B-118)."""
+        limits = self.t.limits
+        if limits is None or dc.dest_slot:
+            return
+        try:
+            limits.take_dest(dc.domain)
+        except SMTPError:
+            if dc.conn is not None:
+                dc.conn.quit()
+                dc.conn = None
+            raise
+        dc.dest_slot = True
+
+    def _mail_params(self, dc: _DomainConn) -> dict[str, str | None]:
+        """_mail_params are the MAIL parameters the server supports (B-85..B-93, B-71)."""
         conn = dc.conn
         assert conn is not None
-        limits = self.t.limits
-        if limits is not None and not dc.dest_slot:
-            try:
-                limits.take_dest(dc.domain)
-            except SMTPError:
-                conn.quit()
-                dc.conn = None
-                raise
-            dc.dest_slot = True
         params: dict[str, str | None] = {}
         if self.meta.smtputf8 and conn.supports("SMTPUTF8"):
             params["SMTPUTF8"] = None
@@ -414,24 +473,12 @@ class RemoteDelivery:
         if self.meta.size is not None and conn.supports("SIZE"):
             limit = conn.max_size
             if limit and self.meta.size > limit:
-                conn.rset()
-                raise E.MESSAGE_TOO_BIG.error()
+                raise E.MESSAGE_TOO_BIG.error(remote_server=conn.remote_server)
             params["SIZE"] = str(self.meta.size)
         cand = dc.cand
         if self.meta.requiretls and conn.supports("REQUIRETLS") and cand is not None and cand.tls_level == TLSLevel.AUTHENTICATED:
             params["REQUIRETLS"] = None
-        sender = self._wire_address(conn, self.mail_from, sender=True)
-        try:
-            conn.mail(sender, params)
-        except SMTPError as e:
-            self.log.error("MAIL failed", e, domain=dc.domain, remote_server=conn.remote_server)
-            if conn.broken:
-                conn.close()
-            else:
-                conn.quit()
-            dc.conn = None
-            self._release_dest(dc)
-            raise
+        return params
 
     def _resolve_mx(self, domain: str) -> tuple[list[MXCandidate], bool]:
         resolver = self.t.resolver
@@ -514,7 +561,8 @@ class RemoteDelivery:
         assert resolver is not None
         deadline = time.monotonic() + t.connect_timeout
         try:
-            addrs = resolver.lookup_addrs(cand.host, want_v6=not t.settings.force_ipv4)
+            addrs = resolver.lookup_addrs(cand.host, want_v6=not t.settings.force_ipv4,
+                                          lifetime=max(0.001, deadline - time.monotonic()))
         except dns.DNSError as e:
             raise (E.DNS_ERROR_TEMP if e.temporary else E.DNS_ERROR_PERM).error(remote_server=cand.host, reason=str(e)) from None
         ips = addrs.addresses
