@@ -110,6 +110,22 @@ class Duration(ValueType):
         return values.parse_duration(args)
 
 
+def format_duration(seconds: float) -> str:
+    """format_duration renders seconds the way a config would write them: ``12m``, ``1h30m``, ``0``."""
+    if seconds == 0:
+        return "0"
+    out = []
+    rest = seconds
+    for unit, size in (("h", 3600), ("m", 60)):
+        if rest >= size:
+            n = int(rest // size)
+            out.append(f"{n}{unit}")
+            rest -= n * size
+    if rest:
+        out.append(f"{rest:g}s")
+    return "".join(out)
+
+
 class DataSize(ValueType):
     """DataSize is a byte count written with G, M, K or B suffixes."""
 
@@ -282,7 +298,7 @@ class Directive:
     def default_text(self) -> str:
         """default_text renders the default for documentation."""
         if self.required and self.default is NO_DEFAULT and self.default_factory is None:
-            return "required" + (" (inherits the global directive)" if self.inherit_global else "")
+            return "global directive value (required)" if self.inherit_global else "required"
         value = self.default
         if self.default_factory is not None:
             value = "computed"
@@ -290,6 +306,8 @@ class Directive:
             text = "not set"
         elif isinstance(value, bool):
             text = "yes" if value else "no"
+        elif isinstance(self.type, Duration) and isinstance(value, (int, float)):
+            text = format_duration(float(value))
         else:
             text = str(value)
         if self.inherit_global:
