@@ -58,3 +58,38 @@ def test_no_import_of_top_level_modules():
     for base in ("maddylite", "modules", "tests", "bench"):
         for f in (REPO / base).rglob("*.py"):
             assert not bad.search(f.read_text()), f
+
+
+def test_wheel_installs_and_runs_from_elsewhere(tmp_path):
+    """A built wheel holds maddylite, maddylite.modules and the grammar, and no top-level `modules`;
+    installed into a fresh venv it runs `maddylite check-config` from another directory."""
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+                   check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = dist.glob("maddylite-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "maddylite/grammar/maddy.lark" in names and "maddylite/default.conf" in names
+    assert "maddylite/modules/target/remote.py" in names
+    assert not any(n.startswith("modules/") for n in names)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True, timeout=300)
+    # The dependencies come from the test environment, without its editable maddylite.
+    deps = sysconfig.get_paths()["purelib"]
+    (Path(site) / "deps.pth").write_text(deps + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    example = REPO / "examples" / "outbound-relay.conf"
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "maddylite", "check-config", str(example)],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import maddylite, importlib.util as u; print(maddylite.__file__, u.find_spec('modules'))"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith(site) and r.stdout.strip().endswith("None"), r.stdout + r.stderr
