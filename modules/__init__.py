@@ -14,6 +14,7 @@ from maddylite.modules.mx_auth import (
     dane,  # "mx_auth.dane"
     dnssec,  # "mx_auth.dnssec"
     local_policy,  # "mx_auth.local_policy"
+    mtasts,  # "mx_auth.mtasts"
     sts_preload,  # "mx_auth.sts_preload"
 )
 from maddylite.modules.target import (
@@ -21,4 +22,4 @@ from maddylite.modules.target import (
     remote,  # "target.remote"
 )
 
-__all__ = ["dane", "dummy", "dnssec", "limits", "local_policy", "mx_auth", "queue", "remote", "smtp", "sts_preload"]
+__all__ = ["dane", "dummy", "dnssec", "limits", "local_policy", "mtasts", "mx_auth", "queue", "remote", "smtp", "sts_preload"]
