@@ -233,6 +233,9 @@ class Server:
         rt.start()
         self.current = rt
         self.log.info("server started", config=self.source.name)
+        if rt.globals.hostname in (None, "", "localhost"):
+            self.log.warn("hostname is not set to this server's public name; receiving MXes may refuse its EHLO",
+                          hostname=rt.globals.hostname or "")
 
     def _apply_log_settings(self, rt: Runtime) -> None:
         configure_output(tuple(rt.globals.log), json_format=os.environ.get("MADDYLITE_LOG_FORMAT") == "json")
