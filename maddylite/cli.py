@@ -1,4 +1,4 @@
-"""The ``maddylite`` command: run, check-config, deliver, queue, directives, --version.
+"""The ``maddylite`` command: run, check-config, deliver, queue, mtasts, directives, --version.
 
 ``run`` serves in the foreground; ``check-config`` validates a configuration without
 starting anything (exit 1 with every error, each positioned); ``directives`` prints
@@ -104,6 +104,20 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return queue_drop(source, args.id)
 
 
+@_guard
+def _cmd_mtasts(args: argparse.Namespace) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from maddylite.runtime import find_config
+    from maddylite.tools import mtasts_command
+
+    if args.action == "list" and args.domain:
+        print("maddylite: mtasts list takes no domain", file=sys.stderr)
+        return 2
+    return mtasts_command(find_config(args.config), args.action, args.domain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """build_parser returns the argument parser of the ``maddylite`` command."""
     p = argparse.ArgumentParser(prog="maddylite", description="A secure outbound mail server.")
@@ -128,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", nargs="?")
     q.add_argument("--config", dest="config", default=argparse.SUPPRESS)
     q.set_defaults(func=_cmd_queue)
+    mt = sub.add_parser("mtasts", help="show, drop or re-fetch cached MTA-STS policies")
+    mt.add_argument("action", choices=("list", "purge", "refresh"))
+    mt.add_argument("domain", nargs="?")
+    mt.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    mt.set_defaults(func=_cmd_mtasts)
     d = sub.add_parser("directives", help="print the directive reference of a module")
     d.add_argument("module", nargs="?")
     d.set_defaults(func=_cmd_directives)

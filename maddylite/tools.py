@@ -185,3 +185,45 @@ def queue_drop(source: ConfigSource, msg_id: str, out: TextIO = sys.stdout) -> i
             return 0
     out.write(f"no such message: {msg_id}\n")
     return 1
+
+
+def mtasts_instances(rt: Runtime) -> list[Any]:
+    """mtasts_instances returns the configured MTA-STS policy modules."""
+    return [m for m in rt.modules if m.mod_name == "mx_auth.mtasts"]
+
+
+def mtasts_command(source: ConfigSource, action: str, domain: str | None, out: TextIO = sys.stdout) -> int:
+    """mtasts_command lists, purges or re-fetches the cached MTA-STS policies of a configuration.
+
+    It works on ``fs`` caches (the files a running server uses too); a ``ram`` cache
+    lives only inside the server process and is reported as such.
+    """
+    rt = load_runtime(source)
+    status = 0
+    instances = mtasts_instances(rt)
+    if not instances:
+        out.write("no mtasts policy in this configuration\n")
+        return 1
+    for m in instances:
+        where = getattr(m, "fs_dir", None) if m.cache_kind == "fs" else None
+        out.write(f"# {m.label} cache={m.cache_kind}" + (f" {where}" if where else "") + "\n")
+        if m.cache_kind != "fs":
+            out.write("  (a ram cache exists only inside the running server)\n")
+            continue
+        if action == "list":
+            now = time.time()
+            for e in sorted(m.cached(), key=lambda e: e.domain):
+                state = "valid" if e.expires_at > now else "expired"
+                out.write(f"{e.domain}\tid={e.id}\tmode={e.mode}\tmx={','.join(e.mx) or '-'}\t"
+                          f"fetched={time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.fetched_at))}\t"
+                          f"expires={time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.expires_at))}\t{state}\n")
+        elif action == "purge":
+            out.write(f"purged {m.purge(domain)} polic{'y' if domain else 'ies'}\n")
+        else:
+            try:
+                m.refresh(domain)
+                out.write(f"refreshed {domain or 'all cached domains'}\n")
+            except Exception as e:  # noqa: BLE001 - reported, exit status 1
+                out.write(f"refresh failed: {e}\n")
+                status = 1
+    return status

@@ -85,3 +85,24 @@ def test_json_log_format(tmp_path):
     p.wait(timeout=20)
     rec = json.loads(line)
     assert rec["msg"] == "server started" and rec["level"] == "info"
+
+
+def test_mtasts_list_and_purge(tmp_path, capsys):
+    """`maddylite mtasts list|purge` shows and drops the fs cache's policies."""
+    import time
+
+    from maddylite.log import Logger
+    from maddylite.modules.mx_auth.mtasts import CachedPolicy, FSStore, Policy
+
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"state_dir {tmp_path}\nhostname h\nmx_auth p {{\n mtasts\n}}\ntarget.remote r {{\n mx_auth &p\n}}\n")
+    store = FSStore(str(tmp_path / "mtasts_cache"), Logger("test"))
+    store.prepare()
+    store.put(CachedPolicy("example.test", "id1", Policy("enforce", 86400, ("mx.example.test",)), time.time()))
+    assert main(["mtasts", "list", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "example.test\tid=id1\tmode=enforce\tmx=mx.example.test" in out and "valid" in out
+    assert main(["mtasts", "purge", "example.test", "--config", str(conf)]) == 0
+    assert "purged 1 policy" in capsys.readouterr().out
+    assert main(["mtasts", "list", "--config", str(conf)]) == 0
+    assert "example.test" not in capsys.readouterr().out.split("\n", 1)[1]
