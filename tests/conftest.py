@@ -52,7 +52,6 @@ def free_port() -> int:
 def build_config(tmp_path):
     """build_config parses text and configures a Runtime (no endpoint required)."""
     from maddylite.config.parser import parse_string
-
     from maddylite.runtime import ConfigSource, Runtime
 
     def build(text: str, *, require_endpoint: bool = False, filename: str | None = None):
@@ -65,3 +64,7 @@ def build_config(tmp_path):
         return rt
 
     return build
+
+
+if "harness" in sys.modules:
+    from harness.fixtures import harness  # noqa: E402,F401  (the session-scoped real-peer fixture)

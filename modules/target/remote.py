@@ -54,7 +54,7 @@ def _hostname_alabel(node: ConfigNode, builder: Any) -> str:
         raise ConfigError("can't declare block here")
     if len(node.args) != 1:
         raise ConfigError("expected 1 argument")
-    return node.args[0]
+    return to_alabel_hostname(node.args[0])  # here, so that an error points at the directive
 
 
 def to_alabel_hostname(name: str) -> str:
@@ -180,7 +180,7 @@ class RemoteTarget(ModuleBase):
     directives = (
         Directive(name="hostname", type=Custom(fn=_hostname_alabel, syntax_text="domain"), required=True, inherit_global=True, help="Name sent in EHLO/HELO; converted to A-labels."),
         Directive(name="limits", type=ModuleRef(role=Limits), default=None, help="Rate and concurrency limits (&name or an inline limits block)."),
-        Directive(name="local_ip", type=Custom(fn=lambda n, b: _one_arg(n), syntax_text="IP address"), default=None, help="Source address for outbound connections."),
+        Directive(name="local_ip", type=Custom(fn=lambda n, b: parse_local_ip(_one_arg(n)), syntax_text="IP address"), default=None, help="Source address for outbound connections."),
         Directive(name="force_ipv4", type=Bool(), default=False, help="Use only IPv4 addresses of MX hosts."),
         Directive(name="connect_timeout", type=Duration(), default=DEFAULT_CONNECT_TIMEOUT, help="Bound on resolving an MX host's addresses plus the TCP handshake (0 = 5m)."),
         Directive(name="command_timeout", type=Duration(), default=DEFAULT_COMMAND_TIMEOUT, help="Bound on each command reply, each body write and the TLS handshake (0 = 5m)."),
@@ -561,7 +561,9 @@ class RemoteDelivery:
         assert resolver is not None
         deadline = time.monotonic() + t.connect_timeout
         try:
-            addrs = resolver.lookup_addrs(cand.host, want_v6=not t.settings.force_ipv4,
+            # With force_ipv4 the AAAA answer is still asked for, so that an IPv6-only host
+            # is told apart from a host without addresses (B-110 vs B-15).
+            addrs = resolver.lookup_addrs(cand.host, want_v6=True,
                                           lifetime=max(0.001, deadline - time.monotonic()))
         except dns.DNSError as e:
             raise (E.DNS_ERROR_TEMP if e.temporary else E.DNS_ERROR_PERM).error(remote_server=cand.host, reason=str(e)) from None

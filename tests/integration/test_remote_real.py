@@ -1,0 +1,163 @@
+"""target.remote and mx_auth against real peers: Postfix MXes, unbound over signed zones, nginx.
+
+Every case runs `maddylite deliver` inside the harness namespace, with the harness CA as
+`tls_client root_ca` (SMTP) and as the system trust store (MTA-STS fetches), and checks
+the per-recipient result, the levels reached, which MX got the message and whether it
+arrived over TLS. The attack cases also check that the MX never saw MAIL.
+"""
+
+import pytest
+
+pytestmark = pytest.mark.harness
+
+ALL = "mtasts\n    dnssec\n    dane\n    local_policy"
+STS_ONLY = "mtasts\n    local_policy"
+
+# scenario, policies, remote extra, expected (status, code, enhanced, text fragment), via MX, TLS level, MX level
+DELIVERED = [
+    pytest.param("plain", ALL, "", "mx.plain.test", "none", "dnssec", id="B-46-plaintext"),
+    pytest.param("tls", ALL, "", "mx.tls.test", "authenticated", "dnssec", id="B-44-B-45-authenticated"),
+    pytest.param("selfsigned", ALL, "", "mx.selfsigned.test", "encrypted", "dnssec", id="B-47-selfsigned"),
+    pytest.param("expired", ALL, "", "mx.expired.test", "encrypted", "dnssec", id="B-47-expired"),
+    pytest.param("wrongname", ALL, "", "mx.wrongname.test", "encrypted", "dnssec", id="B-47-wrongname"),
+    pytest.param("wildcard", ALL, "", "mx.wildcard.test", "authenticated", "dnssec", id="B-44-wildcard-cert"),
+    pytest.param("tlsfail", ALL, "", "mx.tlsfail.test", "none", "dnssec", id="B-48-B-49-handshake-fails"),
+    pytest.param("dnssec", "dnssec", "", "mx.dnssec.test", "authenticated", "dnssec", id="C-57-dnssec"),
+    pytest.param("nomx", ALL, "", "nomx.test", None, None, id="B-5-implicit-mx"),
+    pytest.param("unresolvable", ALL, "", "mx.unresolvable.test", None, None, id="B-15-unresolvable-first-mx"),
+    pytest.param("twomx", ALL, "", "mx2.twomx.test", None, None, id="B-3-first-mx-refuses"),
+    pytest.param("greet554", ALL, "", "mx2.greet554.test", None, None, id="B-18-greet-554"),
+    pytest.param("greet421", ALL, "", "mx2.greet421.test", None, None, id="B-18-greet-421"),
+    pytest.param("starttls454", ALL, "", "mx2.starttls454.test", None, None, id="B-50-starttls-454"),
+    pytest.param("blackhole", ALL, "connect_timeout 2s", "mx2.blackhole.test", None, None, id="B-100-blackhole"),
+    pytest.param("ipv6only", ALL, "", "mx.ipv6only.test", "authenticated", None, id="B-111-C-78-ipv6-only"),
+    pytest.param("dualstack", ALL, "", "mx.dualstack.test", None, None, id="B-111-dual-stack"),
+    pytest.param("sts-enforce", STS_ONLY, "", "mx.sts-enforce.test", "authenticated", "mtasts", id="C-47-sts-enforce"),
+    pytest.param("sts-mismatch", STS_ONLY, "", "mx2.sts-mismatch.test", "authenticated", "mtasts", id="C-42-sts-skip-unlisted"),
+    pytest.param("sts-testing", STS_ONLY, "", "mx.sts-testing.test", None, "mtasts", id="C-48-sts-testing"),
+    pytest.param("sts-testing-nomatch", STS_ONLY, "", "mx.sts-testing-nomatch.test", None, "none", id="C-50-sts-testing-nomatch"),
+    pytest.param("sts-none", STS_ONLY, "", "mx.sts-none.test", None, "none", id="C-26-sts-mode-none"),
+    pytest.param("sts-wildcard", STS_ONLY, "", "mx1.sts-wildcard.test", "authenticated", "mtasts", id="C-53-sts-wildcard"),
+    pytest.param("sts-crlf", STS_ONLY, "", "mx.sts-crlf.test", None, "mtasts", id="C-26-sts-crlf"),
+    pytest.param("sts-redirect", STS_ONLY, "", "mx.sts-redirect.test", None, "none", id="C-21-sts-redirect-not-followed"),
+    pytest.param("sts-404", STS_ONLY, "", "mx.sts-404.test", None, "none", id="C-22-sts-404"),
+    pytest.param("sts-html", STS_ONLY, "", "mx.sts-html.test", None, "none", id="C-23-sts-text-html"),
+    pytest.param("sts-selfsigned", STS_ONLY, "", "mx.sts-selfsigned.test", None, "none", id="C-20-sts-https-untrusted"),
+    pytest.param("sts-oversized", STS_ONLY, "", "mx.sts-oversized.test", None, "none", id="C-25-sts-oversized"),
+    pytest.param("dane-ee", ALL, "", "mx.dane-ee.test", "authenticated", "dnssec", id="C-69-B-78-dane-ee-311"),
+    pytest.param("dane-ee-301", ALL, "", "mx.dane-ee-301.test", "authenticated", "dnssec", id="C-90-dane-ee-301"),
+    pytest.param("dane-ta", ALL, "", "mx.dane-ta.test", "authenticated", "dnssec", id="C-86-dane-ta-201"),
+    pytest.param("dane-multi", ALL, "", "mx.dane-multi.test", "authenticated", "dnssec", id="C-85-dane-several-records"),
+    pytest.param("dane-unusable", ALL, "", "mx.dane-unusable.test", None, "dnssec", id="C-90-dane-unusable-only"),
+    pytest.param("dane-insecure-mx", ALL, "", "mx.unsigned-host.test", None, None, id="C-68-dane-insecure-host"),
+    pytest.param("dane-cname", ALL, "", "host.dane-cname.test", "authenticated", "dnssec", id="C-70-dane-cname-target"),
+    pytest.param("dane-cname-orig", ALL, "", "host.dane-cname-orig.test", "authenticated", "dnssec", id="C-71-dane-cname-original"),
+]
+
+
+def _scenario_domain(harness, name):
+    return harness.scenario(name).domain
+
+
+@pytest.mark.parametrize("name,policies,remote,via,tls_level,mx_level", DELIVERED)
+def test_delivered(harness, deliver, name, policies, remote, via, tls_level, mx_level):
+    """The message reaches the expected MX with the expected TLS and MX levels."""
+    domain = _scenario_domain(harness, name)
+    rcpt = harness.new_address(domain)
+    rc, res, log = deliver([rcpt], policies=policies, remote=remote)
+    r = res[rcpt]
+    assert (rc, r.status, r.code) == (0, "delivered", 250), (r, log[-2000:])
+    mx_hosts = {h.rstrip(".") for _, h in harness.scenario(name).mx} or {domain}
+    assert r.mx.rstrip(".") == via or (r.mx.rstrip(".") in mx_hosts and via not in mx_hosts)  # a CNAME'd MX host
+    if tls_level:
+        assert r.tls_level == tls_level
+    if mx_level:
+        assert r.mx_level == mx_level
+    (msg,) = harness.wait_mailbox(rcpt)
+    assert msg.received_by == via
+    assert msg.tls == (r.tls_level in ("encrypted", "authenticated"))
+
+
+# scenario, policies, remote extra, code, enhanced, message fragment, MX hosts that must see no MAIL
+REFUSED = [
+    pytest.param("bogus", ALL, "", 451, "4.4.4", "MX lookup error", [], id="B-10-C-63-bogus-servfail"),
+    pytest.param("nullmx", ALL, "", 556, "5.1.10", "Domain does not accept email (null MX)", [], id="B-7-null-mx"),
+    pytest.param("nullmx-mixed", ALL, "", 556, "5.1.10", "null MX", [], id="B-7-null-mx-mixed"),
+    pytest.param("noaddr", ALL, "", 550, "5.4.0", "No usable MXs, last err: DNS error", [], id="B-6-no-address"),
+    pytest.param("allrefused", ALL, "", 451, "4.4.0", "No usable MXs, last err: Network I/O error", [], id="B-16-all-refused"),
+    pytest.param("insecure", "dnssec\n    local_policy {\n        min_mx_level dnssec\n    }", "", 451, "4.4.0",
+                 "Failed to establish the MX record authenticity", ["mx.insecure.test"], id="C-58-C-9-min-mx-level-dnssec"),
+    pytest.param("plain", "local_policy {\n        min_tls_level encrypted\n    }", "", 451, "4.4.0",
+                 "TLS is not available or unauthenticated but required", ["mx.plain.test"], id="B-53-C-10-min-tls-encrypted"),
+    pytest.param("tlsfail", "local_policy {\n        min_tls_level encrypted\n    }", "", 451, "4.4.0",
+                 "TLS is not available or unauthenticated but required", ["mx.tlsfail.test"], id="B-52-tls-impossible"),
+    pytest.param("selfsigned", "local_policy {\n        min_tls_level authenticated\n    }", "", 451, "4.4.0",
+                 "TLS is not available or unauthenticated but required", ["mx.selfsigned.test"], id="C-11-min-tls-authenticated"),
+    pytest.param("sts-nomatch", STS_ONLY, "", 451, "4.4.0", "Failed to establish the MX record authenticity (MTA-STS)",
+                 ["mx.sts-nomatch.test"], id="C-43-sts-no-mx-listed"),
+    pytest.param("sts-notls", STS_ONLY, "", 451, "4.4.0", "TLS is required but unavailable or failed (MTA-STS)",
+                 ["mx.sts-notls.test"], id="C-44-sts-enforce-no-starttls"),
+    pytest.param("sts-expired", STS_ONLY, "", 451, "4.4.0", "Recipient server TLS certificate is not trusted but authentication is required by MTA-STS",
+                 ["mx.sts-expired.test"], id="C-45-C-56-sts-enforce-untrusted-cert"),
+    pytest.param("sts-testing-nomatch", "mtasts\n    local_policy {\n        min_mx_level mtasts\n    }", "", 451, "4.4.0",
+                 "Failed to establish the MX record authenticity", ["mx.sts-testing-nomatch.test"], id="C-49-sts-testing-min-mx-level"),
+    pytest.param("plain", "mtasts\n    local_policy {\n        min_mx_level mtasts\n    }", "", 451, "4.4.0",
+                 "Failed to establish the MX record authenticity", ["mx.plain.test"], id="C-52-no-policy-min-mx-mtasts"),
+    pytest.param("dane-mismatch", ALL, "", 451, "4.4.0", "No matching TLSA records", ["mx.dane-mismatch.test"], id="C-81-dane-mismatch"),
+    pytest.param("dane-notls", ALL, "", 451, "4.4.0", "TLS is required but unsupported or failed (enforced by DANE)",
+                 ["mx.dane-notls.test"], id="C-79-dane-no-starttls"),
+    pytest.param("dane-bogus", ALL, "", 451, "4.4.0", "No usable MXs, last err: DNS error", ["mx.dane-bogus.test"], id="C-77-dane-bogus-tlsa"),
+    pytest.param("ipv6only", ALL, "force_ipv4 yes", 451, "4.4.0", "Network I/O error", [], id="B-110-force-ipv4"),
+    pytest.param("stall", ALL, "submission_timeout 2s", 450, "4.4.2", "Network I/O error", [], id="B-103-no-reply-to-final-dot"),
+]
+
+
+@pytest.mark.parametrize("name,policies,remote,code,enhanced,fragment,no_mail_at", REFUSED)
+def test_refused(harness, deliver, name, policies, remote, code, enhanced, fragment, no_mail_at):
+    """The recipient fails with the exact code and class; attack cases never reach MAIL."""
+    domain = _scenario_domain(harness, name)
+    rcpt = harness.new_address(domain)
+    mark = harness.mark()
+    rc, res, log = deliver([rcpt], policies=policies, remote=remote)
+    r = res[rcpt]
+    assert (r.code, r.enhanced) == (code, enhanced), (r, log[-2000:])
+    assert fragment in r.text
+    assert r.status == ("temporary-failure" if code < 500 else "permanent-failure")
+    assert rc == (75 if code < 500 else 69)
+    for host in no_mail_at:
+        assert harness.count_commands(host, "MAIL", since=mark) == 0, f"{host} saw MAIL"
+    assert harness.mailbox(rcpt) == []
+
+
+def test_per_recipient_replies_B_30(harness, deliver):
+    """B-30/B-28: one connection, per-recipient RCPT results, only accepted ones delivered."""
+    domain = _scenario_domain(harness, "reject")
+    ok, bad, later = f"ok1@{domain}", f"bad@{domain}", f"later@{domain}"
+    mark = harness.mark()
+    rc, res, _ = deliver([bad, ok, later])
+    assert (res[bad].code, res[bad].enhanced, res[bad].status) == (550, "5.1.1", "permanent-failure")
+    assert (res[later].code, res[later].enhanced, res[later].status) == (450, "4.2.0", "temporary-failure")
+    assert res[ok].status == "delivered"
+    assert rc == 69
+    assert len(harness.wait_mailbox(ok)) == 1
+    assert harness.count_commands("mx.reject.test", "MAIL", since=mark) == 1
+
+
+def test_two_domains_two_connections_B_29(harness, deliver):
+    """B-29/B-31: recipients in two domains: one connection each, both delivered."""
+    a = harness.new_address(_scenario_domain(harness, "tls"))
+    b = harness.new_address(_scenario_domain(harness, "plain"))
+    rc, res, _ = deliver([a, b])
+    assert rc == 0 and res[a].status == res[b].status == "delivered"
+    assert harness.wait_mailbox(a)[0].received_by == "mx.tls.test"
+    assert harness.wait_mailbox(b)[0].received_by == "mx.plain.test"
+
+
+def test_shared_mx_strict_policy_only_for_its_domain(harness, deliver):
+    """Two domains on one weak MX where only one has a strict policy: only that one is refused."""
+    strict = harness.new_address(_scenario_domain(harness, "sts-notls"))
+    plain = harness.new_address(_scenario_domain(harness, "plain"))
+    mark = harness.mark()
+    rc, res, _ = deliver([strict, plain], policies=STS_ONLY)
+    assert res[strict].code == 451 and res[plain].status == "delivered"
+    assert harness.count_commands("mx.sts-notls.test", "MAIL", since=mark) == 0
