@@ -175,3 +175,31 @@ class Limits(Protocol):
 
     def release_dest(self, domain: str) -> None:
         """release_dest gives back a destination slot."""
+
+
+@runtime_checkable
+class Check(Protocol):
+    """Check is one module of an endpoint's ``check { }`` block (``check.<name>``).
+
+    The endpoint calls ``check_body`` once per message, from the session's greenlet,
+    after the whole DATA was received and before the target's ``body``; calls for
+    different messages run concurrently. ``header`` and ``body`` are the message as it
+    will be delivered (the header ends with its last field's CRLF; the empty line is not
+    part of either). The result is ``"accept"`` or ``"quarantine"``; for the latter the
+    endpoint sets ``meta.quarantine`` and goes on, so that target.remote refuses the
+    message (B-23). To reject the message, raise SMTPError: the endpoint replies with
+    its codes (a 4xx asks the client to retry) and the target's delivery is aborted.
+    """
+
+    def check_body(
+        self,
+        meta: MsgMetadata,
+        mail_from: str,
+        rcpts: tuple[str, ...],
+        header: bytes,
+        body: bytes,
+        *,
+        source_host: str = "",
+    ) -> str:
+        """check_body inspects one message and returns ``"accept"`` or ``"quarantine"``."""
+        ...

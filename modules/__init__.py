@@ -9,6 +9,7 @@ from maddylite.modules import (
     limits,  # "limits"
     mx_auth,  # "mx_auth"
 )
+from maddylite.modules.checks import command  # "check.command"
 from maddylite.modules.endpoint import smtp  # "smtp"
 from maddylite.modules.mx_auth import (
     dane,  # "mx_auth.dane"
@@ -22,4 +23,4 @@ from maddylite.modules.target import (
     remote,  # "target.remote"
 )
 
-__all__ = ["dane", "dummy", "dnssec", "limits", "local_policy", "mtasts", "mx_auth", "queue", "remote", "smtp", "sts_preload"]
+__all__ = ["command", "dane", "dummy", "dnssec", "limits", "local_policy", "mtasts", "mx_auth", "queue", "remote", "smtp", "sts_preload"]

@@ -1,0 +1,1 @@
+"""check.*: message checks used in an endpoint's ``check { }`` block (Check role)."""
