@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gevent
+import gevent.event
 import gevent.lock
 
 from maddylite.config.errors import ConfigError
@@ -67,9 +68,11 @@ class TokenBucket:
             self.epoch += periods * self.period
             self.tokens = self.burst
 
-    def take(self, deadline: float) -> bool:
-        """take waits for a token until ``deadline`` (a clock value); False on timeout."""
+    def take(self, deadline: float, cancel: gevent.event.Event | None = None) -> bool:
+        """take waits for a token until ``deadline`` (a clock value); False on timeout or cancel."""
         while True:
+            if cancel is not None and cancel.is_set():
+                return False
             self._refill()
             if self.tokens > 0:
                 self.tokens -= 1
@@ -77,7 +80,11 @@ class TokenBucket:
             wake = self.epoch + self.period
             if wake > deadline:
                 return False  # the refill comes too late; failing now spares the wait
-            gevent.sleep(max(0.0, wake - self.clock()))
+            delay = max(0.0, wake - self.clock())
+            if cancel is not None:
+                cancel.wait(timeout=delay)
+            else:
+                gevent.sleep(delay)
 
     def idle(self) -> bool:
         """idle tells whether the bucket is full (forgetting it changes nothing)."""
@@ -92,9 +99,19 @@ class Concurrency:
         self.sem = gevent.lock.BoundedSemaphore(limit)
         self.limit = limit
 
-    def take(self, timeout: float) -> bool:
-        """take waits up to ``timeout`` seconds for a slot."""
-        return bool(self.sem.acquire(timeout=timeout))
+    def take(self, timeout: float, cancel: gevent.event.Event | None = None) -> bool:
+        """take waits up to ``timeout`` seconds for a slot; False on timeout or cancel."""
+        if cancel is None:
+            return bool(self.sem.acquire(timeout=timeout))
+        deadline = time.monotonic() + timeout
+        while not cancel.is_set():
+            if self.sem.acquire(blocking=False):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            gevent.wait([self.sem, cancel], timeout=remaining, count=1)
+        return False
 
     def release(self) -> None:
         """release gives a slot back."""
@@ -135,22 +152,27 @@ class _Scope:
                 for k in [k for k, v in table.items() if v.idle()]:
                     del table[k]
 
-    def take(self, key: str, wait: float) -> None:
+    def take(self, key: str, wait: float, cancel: gevent.event.Event) -> None:
+        """take waits for this scope's slots; a timeout, a shutdown (``cancel``) or a killed
+        waiter all end in the same 451 4.4.5 error (B-112, B-119)."""
         deadline = time.monotonic() + wait
-        if self.rate is not None:
-            bucket = self.rates.get(key)
-            if bucket is None:
-                self._gc()
-                bucket = self.rates[key] = TokenBucket(self.rate.value, self.rate.period)
-            if not bucket.take(deadline):
-                raise HIGH_LOAD.error(reason=_REASONS[self.name])
-        if self.conc is not None:
-            sem = self.concs.get(key)
-            if sem is None:
-                self._gc()
-                sem = self.concs[key] = Concurrency(self.conc.value)
-            if not sem.take(max(0.0, deadline - time.monotonic())):
-                raise HIGH_LOAD.error(reason=_REASONS[self.name])
+        try:
+            if self.rate is not None:
+                bucket = self.rates.get(key)
+                if bucket is None:
+                    self._gc()
+                    bucket = self.rates[key] = TokenBucket(self.rate.value, self.rate.period)
+                if not bucket.take(deadline, cancel):
+                    raise HIGH_LOAD.error(reason=_REASONS[self.name])
+            if self.conc is not None:
+                sem = self.concs.get(key)
+                if sem is None:
+                    self._gc()
+                    sem = self.concs[key] = Concurrency(self.conc.value)
+                if not sem.take(max(0.0, deadline - time.monotonic()), cancel):
+                    raise HIGH_LOAD.error(reason=_REASONS[self.name])
+        except gevent.GreenletExit:
+            raise HIGH_LOAD.error(reason=_REASONS[self.name]) from None
 
     def release(self, key: str) -> None:
         if self.conc is not None:
@@ -220,6 +242,11 @@ class Limits(ModuleBase):
                 rules.pop((rule.scope, rule.kind), None)
         self.rules = tuple(rules.values())
         self.scopes = {s: _Scope(s, rules.get((s, "rate")), rules.get((s, "concurrency"))) for s in SCOPES}
+        self.closed = gevent.event.Event()
+
+    def stop(self, timeout: float) -> None:
+        """stop wakes every waiter with 451 4.4.5 (B-119); the counters die with the instance."""
+        self.closed.set()
 
     def _msg_keys(self, src_ip: str | None, source_domain: str) -> list[tuple[_Scope, str]]:
         return [
@@ -234,7 +261,7 @@ class Limits(ModuleBase):
         try:
             for scope, key in self._msg_keys(src_ip, source_domain):
                 if scope.active:
-                    scope.take(key, self.wait)
+                    scope.take(key, self.wait, self.closed)
                     taken.append((scope, key))
         except BaseException:
             for scope, key in reversed(taken):
@@ -251,7 +278,7 @@ class Limits(ModuleBase):
         """take_dest waits for the destination slot of ``domain``."""
         scope = self.scopes["destination"]
         if scope.active:
-            scope.take(domain.lower(), self.wait)
+            scope.take(domain.lower(), self.wait, self.closed)
 
     def release_dest(self, domain: str) -> None:
         """release_dest gives back the destination slot of ``domain``."""
