@@ -91,8 +91,9 @@ def test_mtasts_list_and_purge(tmp_path, capsys):
     """`maddylite mtasts list|purge` shows and drops the fs cache's policies."""
     import time
 
-    from maddylite.log import Logger
     from maddylite.modules.mx_auth.mtasts import CachedPolicy, FSStore, Policy
+
+    from maddylite.log import Logger
 
     conf = tmp_path / "c.conf"
     conf.write_text(f"state_dir {tmp_path}\nhostname h\nmx_auth p {{\n mtasts\n}}\ntarget.remote r {{\n mx_auth &p\n}}\n")
