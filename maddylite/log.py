@@ -12,7 +12,8 @@ import sys
 import time
 from typing import IO, Any
 
-_out: IO[str] = sys.stderr
+#: The log file, or None for whatever sys.stderr is when a line is written.
+_out: IO[str] | None = None
 _json = False
 _path: str | None = None
 _enabled = True
@@ -27,10 +28,8 @@ def configure_output(targets: tuple[str, ...] = ("stderr",), json_format: bool =
     target = targets[0] if targets else "stderr"
     if target == "off":
         _enabled = False
-    elif target in ("stderr", "syslog"):
-        _out = sys.stderr
-    elif target == "stdout":
-        _out = sys.stdout
+    elif target in ("stderr", "syslog", "stdout"):
+        _out = sys.stdout if target == "stdout" else None
     else:
         _path = target
         _out = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
@@ -42,7 +41,8 @@ def reopen() -> None:
     if _path is not None:
         old = _out
         _out = open(_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        old.close()
+        if old is not None:
+            old.close()
 
 
 def _fmt_value(v: Any) -> str:
@@ -75,9 +75,10 @@ class Logger:
             tag = "[debug] " if level == "debug" else ""
             kv = " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
             line = f"{tag}{prefix}{msg}" + (f"\t{kv}" if kv else "")
+        out = _out if _out is not None else sys.stderr
         try:
-            _out.write(line + "\n")
-            _out.flush()
+            out.write(line + "\n")
+            out.flush()
         except (OSError, ValueError):
             pass
 

@@ -189,3 +189,26 @@ def test_run_without_endpoint_fails_A_103(tmp_path):
     r = subprocess.run([sys.executable, "-m", "maddylite", "run", "--config", str(conf)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "at least one endpoint should be configured" in r.stderr
+
+
+def test_open_sessions_finish_on_the_old_instance_E_7(tmp_path):
+    """E-7: a session opened before a reload completes its message afterwards."""
+    port = _free_port()
+    conf = tmp_path / "maddylite.conf"
+    conf.write_text(_config(tmp_path, "one.example", [port]))
+    srv = Server(conf)
+    try:
+        srv.wait_log("server started")
+        s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        s.ehlo("client.example")
+        s.mail("a@example.org")
+        s.rcpt("b@example.net")
+        conf.write_text(_config(tmp_path, "two.example", [port]))
+        srv.signal(signal.SIGHUP)
+        srv.wait_log("new server started")
+        code, _ = s.data(b"Subject: across a reload\r\n\r\nbody\r\n")
+        assert code == 250
+        s.quit()
+        srv.wait_log("old server stopped")
+    finally:
+        srv.close()

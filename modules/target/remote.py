@@ -513,8 +513,14 @@ class RemoteDelivery:
                 any_temp = any_temp or e.temporary
                 if e.enhanced == (5, 7, 30):
                     requiretls_err = e
-                self.log.info("cannot use MX", remote_server=cand.host, domain=dc.domain, reason=str(e),
-                              mx_level=str(cand.mx_level), tls_level=str(cand.tls_level), **({"tls_err": cand.tls_err} if cand.tls_err else {}))
+                # The policy's own diagnostic fields (required_mx_level, required_tls_level,
+                # ...) go into the log line next to the levels reached (C-13).
+                fields = {k: v for k, v in e.fields.items() if k not in ("remote_server", "domain", "reason")}
+                fields.setdefault("mx_level", str(cand.mx_level))
+                fields.setdefault("tls_level", str(cand.tls_level))
+                if cand.tls_err:
+                    fields.setdefault("tls_err", cand.tls_err)
+                self.log.info("cannot use MX", remote_server=cand.host, domain=dc.domain, reason=str(e), **fields)
                 continue
             dc.conn, dc.cand = cand.conn, cand
             self.log.debug("connected", domain=dc.domain, remote_server=cand.host, mx_level=str(cand.mx_level), tls_level=str(cand.tls_level))

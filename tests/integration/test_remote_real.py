@@ -15,8 +15,8 @@ STS_ONLY = "mtasts\n    local_policy"
 
 # scenario, policies, remote extra, expected (status, code, enhanced, text fragment), via MX, TLS level, MX level
 DELIVERED = [
-    pytest.param("plain", ALL, "", "mx.plain.test", "none", "dnssec", id="B-46-plaintext"),
-    pytest.param("tls", ALL, "", "mx.tls.test", "authenticated", "dnssec", id="B-44-B-45-authenticated"),
+    pytest.param("plain", ALL, "", "mx.plain.test", "none", "dnssec", id="B-46-C-3-plaintext"),
+    pytest.param("tls", ALL, "", "mx.tls.test", "authenticated", "dnssec", id="B-44-B-45-C-2-C-3-authenticated"),
     pytest.param("selfsigned", ALL, "", "mx.selfsigned.test", "encrypted", "dnssec", id="B-47-selfsigned"),
     pytest.param("expired", ALL, "", "mx.expired.test", "encrypted", "dnssec", id="B-47-expired"),
     pytest.param("wrongname", ALL, "", "mx.wrongname.test", "encrypted", "dnssec", id="B-47-wrongname"),

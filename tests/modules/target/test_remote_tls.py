@@ -502,3 +502,25 @@ def test_requiretls_override_no_B_82(std_world, rh):
     assert srv.mail_lines == []
     (log,) = std_world.logs("cannot use MX")
     assert log["reason"] == "451 4.7.1 TLS is required but unavailable or failed (MTA-STS)"
+
+
+def test_no_mx_auth_means_no_policy_lookups_C_8(std_world, rh):
+    """C-8: without mx_auth there is no MTA-STS TXT lookup and no TLSA lookup; plaintext is fine."""
+    w = std_world
+    t = w.target()
+    assert t.mx_auth is None
+    _, res = rh.deliver(t, ["test@example.test"])
+    assert res == {"test@example.test": None}
+    kinds = {q[1] for q in w.dns.queries}
+    assert "TXT" not in kinds and "TLSA" not in kinds
+
+
+def test_policy_failure_logs_levels_C_13(std_world, rh):
+    """C-13: a policy failure is logged with remote_server, domain and the required and reached levels."""
+    w = std_world
+    t = w.target("mx_auth {\n local_policy {\n  min_mx_level dnssec\n }\n}")
+    _, res = rh.deliver(t, ["test@example.test"])
+    assert res["test@example.test"].code == 451
+    (rec,) = w.logs("cannot use MX")
+    assert rec["remote_server"] == "mx.example.test." and rec["domain"] == "example.test"
+    assert rec["mx_level"] == "none" and rec["required_mx_level"] == "dnssec"
