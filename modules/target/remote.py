@@ -596,53 +596,53 @@ class RemoteDelivery:
         return conn
 
     def _ladder(self, cand: MXCandidate) -> SMTPConnection:
-        """_ladder: verified TLS → unverified TLS on a new connection → plaintext (B-44..B-51)."""
-        t = self.t
+        """_ladder: verified TLS → unverified TLS on a new connection → plaintext (B-44..B-51).
+
+        At worst one MX costs three TCP connections (B-49); an error of any kind on the
+        unverified stage drops to plaintext, so there is no loop. A negative reply to
+        STARTTLS itself fails the MX with no fallback (B-50).
+        """
         conn = self._session(cand)
+        step = self._upgrade(conn, cand, verify=True)
+        if step is None:
+            return conn
+        if step == "verify":
+            self.log.info("TLS verify error, trying without authentication", remote_server=cand.host, domain=cand.domain, reason=cand.tls_err)
+            conn = self._session(cand)
+            if self._upgrade(conn, cand, verify=False) is None:
+                return conn
+        self.log.info("TLS error, trying plaintext", remote_server=cand.host, domain=cand.domain, reason=cand.tls_err)
+        return self._plaintext(cand)
+
+    def _upgrade(self, conn: SMTPConnection, cand: MXCandidate, *, verify: bool) -> str | None:
+        """_upgrade tries STARTTLS on ``conn``: None when the connection is usable (TLS reached,
+        or STARTTLS not offered), "verify" or "error" when it failed and was closed."""
         if not conn.supports("STARTTLS"):
             cand.tls_level = TLSLevel.NONE
-            return conn
+            return None
+        t = self.t
         try:
-            conn.starttls(t.tls_client.context(verify=True), cand.host.rstrip("."))
+            conn.starttls(t.tls_client.context(verify=verify), cand.host.rstrip("."))
             conn.ehlo(t.hostname)
-            cand.tls_level = TLSLevel.AUTHENTICATED
-            return conn
         except E.STARTTLSRejected:
             conn.close()
             raise
         except E.TLSHandshakeError as e:
             conn.close()
             cand.tls_err = e.fields.get("tls_err") or e.message
-            if e.kind != "verify":
-                self.log.info("TLS error, trying plaintext", remote_server=cand.host, domain=cand.domain, reason=cand.tls_err)
-                return self._plaintext(cand)
-            self.log.info("TLS verify error, trying without authentication", remote_server=cand.host, domain=cand.domain, reason=cand.tls_err)
+            return "verify" if verify and e.kind == "verify" else "error"
         except SMTPError as e:
-            if conn.tls and not conn.broken:  # EHLO inside TLS rejected (B-51)
-                conn.close()
-                cand.tls_err = e.message
-                self.log.info("TLS error, trying plaintext", remote_server=cand.host, domain=cand.domain, reason=str(e))
-                return self._plaintext(cand)
+            # On the verified stage a failure before TLS (the connection broke) fails the
+            # MX; an EHLO refused inside TLS is a TLS error (B-51). On the unverified
+            # stage every error drops to plaintext.
+            within_tls = conn.tls and not conn.broken
             conn.close()
-            raise
-        # Second stage: unverified TLS on a new connection; any error drops to plaintext.
-        conn = self._session(cand)
-        if not conn.supports("STARTTLS"):
-            cand.tls_level = TLSLevel.NONE
-            return conn
-        try:
-            conn.starttls(t.tls_client.context(verify=False), cand.host.rstrip("."))
-            conn.ehlo(t.hostname)
-            cand.tls_level = TLSLevel.ENCRYPTED
-            return conn
-        except E.STARTTLSRejected:
-            conn.close()
-            raise
-        except SMTPError as e:
-            conn.close()
+            if verify and not within_tls:
+                raise
             cand.tls_err = e.message
-            self.log.info("TLS error, trying plaintext", remote_server=cand.host, domain=cand.domain, reason=str(e))
-            return self._plaintext(cand)
+            return "error"
+        cand.tls_level = TLSLevel.AUTHENTICATED if verify else TLSLevel.ENCRYPTED
+        return None
 
     def _plaintext(self, cand: MXCandidate) -> SMTPConnection:
         cand.tls_level = TLSLevel.NONE
