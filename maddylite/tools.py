@@ -54,8 +54,9 @@ def pick_target(rt: Runtime, name: str | None) -> Any:
 
 
 def deliver(source: ConfigSource, target_name: str | None, mail_from: str, rcpts: Sequence[str], raw: bytes,
-            out: TextIO = sys.stdout) -> int:
+            out: TextIO | None = None) -> int:
     """deliver sends one message through a target now and prints a line per recipient."""
+    out = out or sys.stdout
     from maddylite.modules.endpoint.smtp import normalize_address, tls_required_no
 
     rt = load_runtime(source)
@@ -133,8 +134,9 @@ def queues(rt: Runtime) -> list[Any]:
     return [m for m in rt.modules if m.mod_name == "target.queue"]
 
 
-def queue_list(source: ConfigSource, out: TextIO = sys.stdout) -> int:
+def queue_list(source: ConfigSource, out: TextIO | None = None) -> int:
     """queue_list prints each waiting message and recipient: attempts, next try, last error."""
+    out = out or sys.stdout
     from maddylite.modules.target.queue import retry_delay
 
     rt = load_runtime(source)
@@ -159,14 +161,18 @@ def queue_list(source: ConfigSource, out: TextIO = sys.stdout) -> int:
                 last = "-"
                 if err:
                     enh = ".".join(str(x) for x in err.get("enhanced", []))
-                    reason = err.get("fields", {}).get("reason")
-                    last = f"{err.get('code')} {enh} {err.get('message')}" + (f" (reason: {reason})" if reason else "")
+                    fields = err.get("fields", {})
+                    extra = [f"mx: {err['remote_server']}"] if err.get("remote_server") else []
+                    extra += [f"{k}: {fields[k]}" for k in ("reason", "mx_level", "required_mx_level", "tls_level",
+                                                            "required_tls_level", "tls_err") if fields.get(k)]
+                    last = f"{err.get('code')} {enh} {err.get('message')}" + (f" ({'; '.join(extra)})" if extra else "")
                 out.write(f"  {r}\ttries={qm.tries.get(r, 0)}\tlast_error={last}\n")
     return 0
 
 
-def queue_flush(source: ConfigSource, msg_id: str | None, out: TextIO = sys.stdout) -> int:
+def queue_flush(source: ConfigSource, msg_id: str | None, out: TextIO | None = None) -> int:
     """queue_flush asks the running server to try messages now (all, or one)."""
+    out = out or sys.stdout
     rt = load_runtime(source)
     found = 0
     for q in queues(rt):
@@ -176,8 +182,9 @@ def queue_flush(source: ConfigSource, msg_id: str | None, out: TextIO = sys.stdo
     return 0 if found or msg_id is None else 1
 
 
-def queue_drop(source: ConfigSource, msg_id: str, out: TextIO = sys.stdout) -> int:
+def queue_drop(source: ConfigSource, msg_id: str, out: TextIO | None = None) -> int:
     """queue_drop deletes a message from the queue without delivering it."""
+    out = out or sys.stdout
     rt = load_runtime(source)
     for q in queues(rt):
         if q.drop(msg_id):
@@ -192,12 +199,13 @@ def mtasts_instances(rt: Runtime) -> list[Any]:
     return [m for m in rt.modules if m.mod_name == "mx_auth.mtasts"]
 
 
-def mtasts_command(source: ConfigSource, action: str, domain: str | None, out: TextIO = sys.stdout) -> int:
+def mtasts_command(source: ConfigSource, action: str, domain: str | None, out: TextIO | None = None) -> int:
     """mtasts_command lists, purges or re-fetches the cached MTA-STS policies of a configuration.
 
     It works on ``fs`` caches (the files a running server uses too); a ``ram`` cache
     lives only inside the server process and is reported as such.
     """
+    out = out or sys.stdout
     rt = load_runtime(source)
     status = 0
     instances = mtasts_instances(rt)

@@ -107,3 +107,32 @@ def test_mtasts_list_and_purge(tmp_path, capsys):
     assert "purged 1 policy" in capsys.readouterr().out
     assert main(["mtasts", "list", "--config", str(conf)]) == 0
     assert "example.test" not in capsys.readouterr().out.split("\n", 1)[1]
+
+
+def test_queue_list_flush_drop(tmp_path, capsys):
+    """`queue list` shows attempts and the last error with the MX and policy levels; flush and drop work."""
+    import json
+
+    from maddylite.smtp.errors import POLICY_MX_LEVEL
+
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"state_dir {tmp_path}\nhostname h\ndummy d {{ }}\ntarget.queue q {{\n target &d\n}}\n")
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    err = POLICY_MX_LEVEL.error(remote_server="mx1.example.org.", mx_level="none", required_mx_level="dnssec").as_dict()
+    meta = {"id": "m1", "sender": "a@example.org", "msg": {"id": "m1"}, "pending": ["b@example.net"],
+            "tries": {"b@example.net": 2}, "errors": {"b@example.net": err}, "attempts": 2,
+            "last_attempt": 1_700_000_000.0, "received": 1_700_000_000.0}
+    (qdir / "m1.meta").write_text(json.dumps(meta))
+    (qdir / "m1.header").write_bytes(b"Subject: x\r\n")
+    (qdir / "m1.body").write_bytes(b"x\r\n")
+    assert main(["queue", "list", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "m1\tfrom=<a@example.org>\tattempts=2" in out
+    assert "b@example.net\ttries=2\tlast_error=451 4.7.0 Failed to establish the MX record authenticity" in out
+    assert "mx: mx1.example.org." in out and "required_mx_level: dnssec" in out
+    assert main(["queue", "flush", "m1", "--config", str(conf)]) == 0
+    assert (qdir / "m1.flush").exists()
+    assert main(["queue", "drop", "m1", "--config", str(conf)]) == 0
+    assert not (qdir / "m1.meta").exists()
+    assert main(["queue", "drop", "m1", "--config", str(conf)]) == 1
