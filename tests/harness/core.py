@@ -295,6 +295,8 @@ class Harness:
             self._load_state()
             reason = self._needs_build()
             if reason is None and self._healthy():
+                if self._mark is None:
+                    self._mark = self.mark()
                 return self
             if reason is not None:
                 self._stop_services()
@@ -306,6 +308,8 @@ class Harness:
             self._ensure_netns()
             self._start_services()
             self._save_state()
+        if self._mark is None:
+            self._mark = self.mark()
         return self
 
     def down(self, purge: bool = True) -> None:
@@ -668,9 +672,14 @@ class Harness:
                 return msgs
             time.sleep(0.05)
 
-    def clear_mailboxes(self) -> None:
-        """Delete every delivered message, and start log counts afresh (see ``mark``)."""
-        if self.mail_root.is_dir():
+    def clear_mailboxes(self, domain_or_address: str | None = None) -> None:
+        """Delete delivered messages (all, or one domain's or address's), and start log
+        counts afresh (see ``mark``).  Other test sessions may share the harness: prefer
+        ``new_address()`` recipients, or clear only your own domain/address."""
+        if domain_or_address is not None:
+            for _, _, d in self._mail_dirs(domain_or_address):
+                shutil.rmtree(d, ignore_errors=True)
+        elif self.mail_root.is_dir():
             for p in self.mail_root.iterdir():
                 shutil.rmtree(p, ignore_errors=True)
         self._mark = self.mark()
@@ -693,6 +702,8 @@ class Harness:
         start = since.offsets.get(fname, 0) if since else 0
         try:
             with open(self.log_dir / fname, "rb") as f:
+                if start > os.fstat(f.fileno()).st_size:
+                    start = 0  # the log was recreated (rebuild)
                 f.seek(start)
                 data = f.read()
         except OSError:
@@ -705,7 +716,8 @@ class Harness:
 
     def mx_log_lines(self, mx_host: str, since: LogMark | None = None) -> list[str]:
         """Log lines of one MX (Postfix ``postfix-mx/<host>/…`` lines, or the misbehaving
-        server's lines), since ``since`` or the last ``clear_mailboxes()``."""
+        server's lines) since ``since``; by default since the last ``clear_mailboxes()``, or
+        since this Harness object was brought up."""
         h = self._server_of(mx_host)
         if h.server == "smtpd":
             tag = f" postfix-mx/{h.name}/"

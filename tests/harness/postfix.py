@@ -192,10 +192,10 @@ maillog_file_prefixes = {self.log_dir}
             "domains": "".join(f"{d} ok\n" for d in domains),
             "mailboxes": "/^[^@]+@[^@]+$/ ok\n",
             "transport": "".join(f"{d} discard:discarded by the harness sink\n" for d in discard),
-            "senders": f"/^{MAGIC['mail_550']}@/ 550 5.1.2 Sender rejected by the harness\n",
+            "senders": f"/^{MAGIC['mail_550']}@/ 550 5.7.1 Sender rejected by the harness\n",
             "header_checks": (
                 f"/^Subject:.*{MAGIC['data_550']}/ REJECT 5.7.1 Message content rejected\n"
-                f"/^Subject:.*{MAGIC['data_450']}/ DEFER 4.7.1 Message deferred, try again\n"
+                f"/^Subject:.*{MAGIC['data_451']}/ REJECT 4.7.1 Message deferred, try again\n"
             ),
         }
         for h in w.smtpd_hosts:

@@ -63,10 +63,10 @@ MAGIC = {
     "rcpt_550": "bad",  # RCPT -> 550 5.1.1
     "rcpt_450": "later",  # RCPT -> 450 4.2.0
     # sender local part
-    "mail_550": "reject-mail",  # MAIL -> 550 5.1.2 (smtpd_delay_reject = no)
+    "mail_550": "reject-mail",  # MAIL -> 550 5.7.1 (smtpd_delay_reject = no)
     # Subject substrings checked at the end of DATA
     "data_550": "harness-reject-data",  # final dot -> 550 5.7.1
-    "data_450": "harness-defer-data",  # final dot -> 450 4.7.1
+    "data_451": "harness-defer-data",  # final dot -> 451 4.7.1
 }
 
 # A policy mx pattern that matches no MX in the table.
@@ -173,8 +173,8 @@ SCENARIOS: list[dict] = [
         "mx": [[10, "mx.reject.test"]],
         "hosts": {"mx.reject.test": {}},
         "expect": "bad@ -> RCPT 550 5.1.1 perm, later@ -> RCPT 450 4.2.0 temp, any other "
-        "local part delivered; sender reject-mail@ -> MAIL 550 5.1.2; Subject "
-        "harness-reject-data / harness-defer-data -> 550 5.7.1 / 450 4.7.1 after DATA "
+        "local part delivered; sender reject-mail@ -> MAIL 550 5.7.1; Subject "
+        "harness-reject-data / harness-defer-data -> 550 5.7.1 / 451 4.7.1 after DATA "
         "(these magic addresses work on every Postfix MX)",
         "via": "mx.reject.test",
         "spec": ["B-19", "B-20", "B-30", "B-31", "B-35", "B-38"],
