@@ -16,9 +16,12 @@ def main(argv: list[str] | None = None) -> int:
                                  description="real-peer test harness")
     ap.add_argument("command", choices=["up", "down", "status", "shell", "list"])
     ap.add_argument("--json", action="store_true", help="machine-readable status/list")
-    ap.add_argument("--workdir", help="generated state (default /run/maddylite-harness)")
+    ap.add_argument("--workdir", help="generated state (default $MADDYLITE_HARNESS_DIR or "
+                    "/run/maddylite-harness)")
+    ap.add_argument("--ns", help="network namespace (default $MADDYLITE_HARNESS_NETNS or mlh)")
+    ap.add_argument("--force", action="store_true", help="down: even if a test session uses it")
     args = ap.parse_args(argv)
-    h = Harness(args.workdir) if args.workdir else Harness()
+    h = Harness(args.workdir, args.ns)
     try:
         if args.command == "up":
             t0 = time.monotonic()
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"harness up in {time.monotonic() - t0:.2f}s: netns {h.ns}, "
                   f"workdir {h.workdir}, CA {h.ca_pem_path}")
         elif args.command == "down":
-            h.down()
+            h.down(force=args.force)
             print("harness down")
         elif args.command == "status":
             st = h.status()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import email
 import email.policy
@@ -40,7 +41,7 @@ from .postfix import PostfixConfig, smtp_sink_argv
 from .web import HTTPS_PORT, nginx_conf, write_policies
 
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
-DEFAULT_WORKDIR = Path(os.environ.get("MADDYLITE_HARNESS_DIR", "/run/maddylite-harness"))
+DEFAULT_WORKDIR = Path("/run/maddylite-harness")
 RESIGN_MARGIN = 180 * 86400
 PACKAGE_DIR = Path(__file__).resolve().parent
 # sources whose change invalidates the generated world (plus BUILD_VERSION below, bumped
@@ -139,12 +140,15 @@ class MxSession:
 class Harness:
     """The real-peer harness.  ``Harness().up()`` is idempotent; see ``fixtures.py``."""
 
-    def __init__(self, workdir: Path | str = DEFAULT_WORKDIR, ns: str = NETNS):
+    def __init__(self, workdir: Path | str | None = None, ns: str | None = None):
+        workdir = workdir or os.environ.get("MADDYLITE_HARNESS_DIR") or DEFAULT_WORKDIR
+        ns = ns or os.environ.get("MADDYLITE_HARNESS_NETNS") or NETNS
         self.workdir = Path(workdir)
         self.ns = ns
         self.world: World = build_world()
         self.state: dict[str, Any] = {}
         self._mark: LogMark | None = None
+        self._log_cache: dict[str, dict[str, Any]] = {}
         self._fingerprint = self._compute_fingerprint()
 
     # ------------------------------------------------------------------ paths
@@ -305,17 +309,41 @@ class Harness:
                 self._save_state()
             elif not self.state.get("services"):
                 self.state["started_by"] = started_by
-            self._ensure_netns()
-            self._start_services()
+            try:
+                self._ensure_netns()
+                self._start_services()
+            except BaseException:
+                # leave nothing half-running behind; the logs stay in the workdir
+                self._stop_services()
+                netns.delete(self.ns)
+                raise
             self._save_state()
         if self._mark is None:
             self._mark = self.mark()
         return self
 
-    def down(self, purge: bool = True) -> None:
+    def in_use_by_others(self) -> bool:
+        """Does another process (a test session) hold the harness's users lock?"""
+        try:
+            fd = os.open(self.users_lock_path, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def down(self, purge: bool = True, force: bool = False) -> None:
         """Stop every process the harness started (by pid, verified), delete the
-        namespace and (with ``purge``) the generated files."""
+        namespace and (with ``purge``) the generated files.  Refuses while another test
+        session is using the harness, unless ``force``."""
         os.environ["PATH"] = _sbin_path()
+        if not force and self.in_use_by_others():
+            raise HarnessError("another test session is using the harness "
+                               f"({self.users_lock_path} is locked); use --force to stop it")
         with self._locked():
             self._load_state()
             self._stop_services()
@@ -589,6 +617,10 @@ class Harness:
         return pre + ["sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
                       str(path), *argv]
 
+    def run_in_ns(self, argv: list[str], **popen_kwargs: Any) -> subprocess.Popen:
+        """Same as ``ns_popen``."""
+        return self.ns_popen(argv, **popen_kwargs)
+
     def ns_popen(self, argv: list[str], env: dict[str, str] | None = None,
                  resolv_conf: str | None = None, **kw: Any) -> subprocess.Popen:
         """Start ``argv`` inside the namespace.  ``env`` defaults to ``ns_env()``."""
@@ -698,17 +730,34 @@ class Harness:
         return LogMark(offs)
 
     def _read_log(self, fname: str, since: LogMark | None) -> list[str]:
+        """Complete lines of a log from the mark on.  Lines already read are cached, so
+        polling a growing log costs only the new bytes."""
         since = since if since is not None else self._mark
         start = since.offsets.get(fname, 0) if since else 0
+        path = self.log_dir / fname
         try:
-            with open(self.log_dir / fname, "rb") as f:
-                if start > os.fstat(f.fileno()).st_size:
-                    start = 0  # the log was recreated (rebuild)
-                f.seek(start)
-                data = f.read()
+            st = path.stat()
         except OSError:
             return []
-        return data.decode("utf-8", "replace").splitlines()
+        c = self._log_cache.get(fname)
+        if (c is None or c["ino"] != st.st_ino or st.st_size < c["end"]
+                or start < c["base"]):
+            c = {"ino": st.st_ino, "base": min(start, st.st_size), "end": min(start, st.st_size),
+                 "offsets": [], "lines": []}
+            self._log_cache[fname] = c
+        if st.st_size > c["end"]:
+            with open(path, "rb") as f:
+                f.seek(c["end"])
+                data = f.read(st.st_size - c["end"])
+            cut = data.rfind(b"\n") + 1  # only complete lines
+            pos = c["end"]
+            for raw in data[:cut].splitlines(keepends=True):
+                c["offsets"].append(pos)
+                c["lines"].append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                pos += len(raw)
+            c["end"] += cut
+        i = bisect.bisect_left(c["offsets"], start)
+        return c["lines"][i:]
 
     def _server_of(self, mx_host: str) -> Host:
         h = self.world.final_host(mx_host.rstrip(".").lower())

@@ -93,6 +93,6 @@ def _teardown() -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # another session is still using it
-        h.down()
+        h.down(force=True)  # we hold the exclusive lock: nobody else uses it
     finally:
         os.close(fd)
