@@ -273,11 +273,12 @@ def smtp_probe(addr: str, host: str, cafile: str) -> dict:
     out["features"] = dict(s.esmtp_features)
     out["starttls"] = s.has_extn("starttls")
     if out["starttls"]:
-        s._host = host  # SNI = the MX host name
+        s._host = host  # type: ignore[attr-defined]  # SNI = the MX host name
         try:
             s.starttls(context=_noverify_ctx())
-            out["tls"] = {"ok": True, "version": s.sock.version(),
-                          "cert": s.sock.getpeercert(binary_form=True)}
+            tls_sock: ssl.SSLSocket = s.sock  # type: ignore[assignment]
+            out["tls"] = {"ok": True, "version": tls_sock.version(),
+                          "cert": tls_sock.getpeercert(binary_form=True)}
             s.ehlo("probe.sender.test")
             out["features_tls"] = dict(s.esmtp_features)
         except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
@@ -291,7 +292,7 @@ def smtp_probe(addr: str, host: str, cafile: str) -> dict:
         v = smtplib.SMTP(addr, 25, timeout=TIMEOUT)
         v.ehlo("probe.sender.test")
         try:
-            v._host = host  # SNI and name check against the MX host name
+            v._host = host  # type: ignore[attr-defined]  # SNI and name check: the MX name
             v.starttls(context=_verify_ctx(cafile))
             out["verified"] = (True, "")
             v.quit()
