@@ -39,7 +39,7 @@ class Figure:
             return f"{self.name}: not available ({self.unavailable})"
 
         def stats(xs: list[float]) -> str:
-            return f"min {min(xs):.4g} / median {statistics.median(xs):.4g} / max {max(xs):.4g} {self.unit}"
+            return f"min {num(min(xs))} / median {num(statistics.median(xs))} / max {num(max(xs))} {self.unit}"
 
         lines = [f"{self.name}:", f"  maddylite   {stats(self.ours)}  (n={len(self.ours)})"]
         if self.peer:
@@ -58,6 +58,11 @@ class Figure:
         d = asdict(self)
         d["ratio"] = self.ratio
         return d
+
+
+def num(x: float) -> str:
+    """num formats a measured value: thousands separated, four significant digits below."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def repeat(fn: Callable[[], float], n: int) -> list[float]:
