@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 
-from bench import config as config_bench
+from bench.common import Figure
 
-BENCHES = {"config": config_bench.run}
+#: name -> module in bench/ whose run(quick) returns the figures (imported when run).
+BENCHES = {
+    "config": "bench.config",
+    "engine": "bench.engine",
+    "relay": "bench.relay",
+    "acceptance": "bench.relay",  # measured in the relay runs (the same injections)
+    "roundtrips": "bench.roundtrips",
+    "stall": "bench.stall",
+    "tls": "bench.tls",
+}
+
+
+def _runner(name: str) -> Callable[[bool], list[Figure]]:
+    return importlib.import_module(BENCHES[name]).run  # type: ignore[no-any-return]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +44,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown benchmark(s): {', '.join(unknown)}")
     print(f"# maddylite benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}), quick={args.quick}")
     figures = []
+    done: set[str] = set()
     for name in names:
+        if BENCHES[name] in done:
+            continue  # relay and acceptance come from the same runs
+        done.add(BENCHES[name])
+        t0 = time.monotonic()
         try:
-            figs = BENCHES[name](args.quick)
+            figs = _runner(name)(args.quick)
         except Exception as e:  # noqa: BLE001 - one failing benchmark must not hide the others
             print(f"{name}: not available ({type(e).__name__}: {e})")
             continue
         for f in figs:
-            print(f.render())
+            print(f.render(), flush=True)
             figures.append(f.as_dict())
+        print(f"# {name}: {time.monotonic() - t0:.0f} s", flush=True)
     import os
 
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

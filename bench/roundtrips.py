@@ -1,0 +1,93 @@
+"""roundtrips: round trips per message on a reused PIPELINING connection, counted at the sink.
+
+The sink is bench/recsink.py on the bench MX's address (another port): it offers
+PIPELINING and counts client→server turns (see its docstring). For every message after
+the first on a connection, the turns from the previous message's end of data to its own
+are that message's cost.
+
+maddylite: bench/driver.py, one delivery at a time to b000.bench.test, conn_reuse_limit
+high, so every message after the first reuses the connection.
+
+Peer: the Postfix relay (bench/postfix.py) with the same messages preloaded in its queue
+and flushed at once; its connection cache reuses connections for the backlog.
+
+Goal: 2. maddylite's client does not pipeline DATA: behaviour.md B-95 forbids sending DATA
+before an RCPT is known to have succeeded, so RSET+MAIL+RCPT, DATA and the content are
+three turns at least; the figure shows what is measured and the turns of one message.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+from typing import Any
+
+from bench import env
+from bench.common import Figure
+from bench.postfix import PostfixRelay, preload
+from bench.recsink import example, per_message
+
+
+class RecSink:
+    def __init__(self, h: Any, port: int, out: str) -> None:
+        self.out = out
+        self.proc = h.ns_popen([env.PY, "-m", "bench.recsink", env.sink_address(h), str(port), out], cwd=str(env.REPO),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env.wait_listening(h, env.sink_address(h), port, self.proc)
+
+    def sessions(self) -> list[list[list[str]]]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return list(json.load(open(self.out)))
+
+
+def run(quick: bool) -> list[Figure]:
+    h = env.harness()
+    n = 50 if quick else 200
+    reps = 3
+    crlf, lf = env.message_files()
+    root = env.workdir("roundtrips")
+    port = env.free_port(h)
+    out = str(root / "turns.json")
+    fig = Figure("roundtrips: client->server turns per message on a reused PIPELINING connection", "round trips/msg",
+                 higher_is_better=False, goal="2")
+    examples = {}
+    spec = {"config": env.engine_config(h, root / "state", "conn_reuse_limit 1000000"), "message": str(crlf),
+            "domains": ["b000.bench.test"], "count": n, "parallel": 1, "port": port}
+    for _ in range(reps):
+        rec = RecSink(h, port, out)
+        r = env.run_driver(h, spec, "roundtrips")
+        s = rec.sessions()
+        if r["failed"]:
+            raise RuntimeError(f"roundtrips: {r['failed']} deliveries failed: {r['errors']}")
+        fig.ours.append(statistics.mean(per_message(s)))
+        examples["maddylite"] = example(s)
+    problem = ""
+    try:
+        pf = PostfixRelay(h, "roundtrips-postfix", mx_port=port)
+    except Exception as e:  # noqa: BLE001
+        problem = f"peer not available: {e}"
+        pf = None
+    if pf is not None:
+        fig.peer_name = "Postfix"
+        try:
+            for _ in range(reps):
+                rec = RecSink(h, port, out)
+                preload(pf, lambda p: ["smtp-source", "-s", "5", "-m", str(n), "-d", "-F", str(lf), "-f", env.SENDER,
+                                       "-M", "client.bench.test", "-t", "rcpt@b000.bench.test", f"127.0.0.1:{p}"], n)
+                pf.flush()
+                pf.wait_empty(120)
+                s = rec.sessions()
+                fig.peer.append(statistics.mean(per_message(s)))
+                examples["Postfix"] = example(s)
+        finally:
+            pf.stop()
+    fig.note = "one message: " + "; ".join(f"{k}: {v}" for k, v in examples.items())
+    if fig.ours and statistics.median(fig.ours) > 2:
+        fig.note += ("; above the goal: DATA waits for the RCPT reply (B-95) and the connection is reset"
+                     " (RSET) when parked and again before the next MAIL")
+    if problem:
+        fig.note += "; " + problem
+    return [fig]

@@ -1,0 +1,81 @@
+"""stall: many deliveries to a sink that waits 1 s before answering the final dot.
+
+The sink is smtp-sink with ``-W .:1`` (one second before the reply to the end of data).
+N deliveries are handed to the engine (bench/driver.py, target.remote as in the default
+configuration, default connection settings), at most P at once, the way target.queue's
+max_parallelism runs them. The ideal completion time is 1 s x N / P.
+
+- completion: measured time / ideal, for maddylite and for ``smtp-source -s P -m N -d``
+  to the same sink (the machine's limit at that parallelism). Goal: <= 1.5.
+- memory: peak resident set size of the maddylite process above its idle size (modules
+  started, messages loaded; VmHWM after resetting it). Goal: <= 60 MB.
+
+Full run: N = 10,000 with P = 1,000, and N = P = 10,000 (every delivery connected at
+once). Quick run: N = 1,000, P = 500.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from bench import env
+from bench.common import Figure
+
+GOAL_MB = 60.0
+
+
+def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
+    crlf, lf = env.message_files()
+    state = env.workdir(f"stall-{n}-{par}")
+    ideal = n / par
+    label = f"stall: {n:,} deliveries, {par:,} at once, sink waits 1 s at the final dot"
+    done = Figure(f"{label}: completion time / ideal ({ideal:g} s)", "x ideal", higher_is_better=False,
+                  peer_name="smtp-source", goal="<= 1.5")
+    mem = Figure(f"{label}: peak RSS above idle", "MB", higher_is_better=False, peer_name="goal", goal=f"<= {GOAL_MB:g} MB")
+    mem.peer = [GOAL_MB]
+    with env.Sink(h, wait_dot=1, max_conns=par + 200) as sink:
+        spec = {"config": env.engine_config(h, state), "message": str(crlf), "domains": h.bench_domains(),
+                "count": n, "parallel": par, "port": sink.port}
+        peer_argv = ["smtp-source", "-s", str(par), "-m", str(n), "-d", "-F", str(lf), "-f", env.SENDER,
+                     "-M", "relay.bench.test", "-t", "rcpt@b000.bench.test", f"{sink.addr}:{sink.port}"]
+        idle = []
+        for _ in range(reps):
+            r = env.run_driver(h, spec, "stall", timeout=300 + 20 * ideal)
+            if r["failed"]:
+                raise RuntimeError(f"stall: {r['failed']} deliveries failed: {r['errors']}")
+            done.ours.append(r["elapsed"] / ideal)
+            mem.ours.append((r["peak_rss_kb"] - r["idle_rss_kb"]) / 1024)
+            idle.append(r["idle_rss_kb"] / 1024)
+            done.peer.append(env.run_timed(h, peer_argv, timeout=300 + 20 * ideal) / ideal)
+        notes = [f"idle RSS {statistics.median(idle):.0f} MB"]
+        lost = []
+        if statistics.median(done.ours) > 1.5:
+            lost.append("completion")
+        if statistics.median(mem.ours) > GOAL_MB:
+            lost.append("memory")
+        if lost:
+            prof = env.RESULTS / f"stall-{n}-{par}.prof"
+            env.RESULTS.mkdir(parents=True, exist_ok=True)
+            # a smaller run (at most 2,000 deliveries, the same parallelism up to that) shows
+            # where the time and the memory go without the profilers' overhead on 10,000
+            pn = min(n, 2000)
+            r = env.run_driver(h, {**spec, "count": pn, "parallel": min(par, pn), "profile": str(prof),
+                                   "memory": "memory" in lost}, f"stall-profile-{n}-{par}", timeout=600)
+            notes.append(f"maddylite misses the goal ({', '.join(lost)}); profiled on {pn:,} deliveries, {min(par, pn):,} at once: "
+                         + env.save_profile(f"stall-{n}-{par}", r, prof)
+                         + "; top (own time): " + "; ".join(env.top_functions(r, 3)))
+            if r.get("memory_top"):
+                notes.append("largest allocations (tracemalloc): " + "; ".join(_short(x) for x in r["memory_top"][:3]))
+        done.note = mem.note = "; ".join(notes)
+    return [done, mem]
+
+
+def _short(line: str) -> str:
+    return line.replace(str(env.REPO) + "/", "")
+
+
+def run(quick: bool) -> list[Figure]:
+    h = env.harness()
+    if quick:
+        return _case(h, 1000, 500, 3, quick)
+    return _case(h, 10_000, 1000, 3, quick) + _case(h, 10_000, 10_000, 3, quick)
