@@ -195,12 +195,16 @@ def test_requiretls_message_never_reaches_weak_mx_B_75(harness, server):
     s = server().start()
     # The DSN itself carries REQUIRETLS (D-28), so the sender's domain must qualify.
     sender = harness.new_address("sts-enforce.test", prefix="sender")
-    weak = harness.new_address("sts-notls.test")
+    # plain.test is DNSSEC-signed (MX level dnssec) but its MX has no STARTTLS: only the
+    # REQUIRETLS TLS condition fails, which is permanent (the mx_auth policies run first,
+    # so an MTA-STS enforce domain would fail them temporarily instead).
+    weak = harness.new_address("plain.test")
     mark = harness.mark()
     s.submit({"count": 1, "sender": sender, "rcpts": [weak], "tag": "rtls", "mail_options": ["REQUIRETLS"]})
     (dsn,) = harness.wait_mailbox(sender, timeout=30)
-    assert "5.7.30" in dsn.raw.decode(errors="replace")
-    assert harness.count_commands("mx.sts-notls.test", "MAIL", since=mark) == 0
+    raw = dsn.raw.decode(errors="replace")
+    assert "Status: 5.7.30" in raw and "TLS is not available or unauthenticated but required (REQUIRETLS)" in raw
+    assert harness.count_commands("mx.plain.test", "MAIL", since=mark) == 0
 
 
 def test_requiretls_to_authenticated_mx_is_delivered_B_73(harness, server):
@@ -261,3 +265,16 @@ def test_sighup_during_load_loses_nothing_E_5(harness, server):
     got = _collect(harness, rcpt, "hup", accepted, timeout=180)
     assert set(got) == accepted
     assert len(got) == len(set(got)), "a message was delivered twice"
+
+
+def test_requiretls_needs_an_authenticated_mx_B_74(harness, server):
+    """B-74: REQUIRETLS to an unsigned domain without MTA-STS: 550 5.7.30, no connection to its MX."""
+    s = server().start()
+    sender = harness.new_address("sts-enforce.test", prefix="sender")
+    rcpt = harness.new_address("insecure.test")
+    mark = harness.mark()
+    s.submit({"count": 1, "sender": sender, "rcpts": [rcpt], "tag": "rtls-mx", "mail_options": ["REQUIRETLS"]})
+    (dsn,) = harness.wait_mailbox(sender, timeout=30)
+    raw = dsn.raw.decode(errors="replace")
+    assert "Status: 5.7.30" in raw and "Failed to establish the MX record authenticity (REQUIRETLS)" in raw
+    assert harness.count_connections("mx.insecure.test", since=mark) == 0
