@@ -452,3 +452,34 @@ def test_queue_may_bounce_through_itself(build_config):
     )
     q = rt.instance("q")
     assert q.bounce_target is q
+
+
+def test_delay_notice_names_the_reason_once(queue):
+    """A message still failing after delay_notice gets one 'still trying' DSN naming the MX and reason."""
+    q, t, b = queue("delay_notice 1h")
+    msg_id, _ = submit(q, ["a@x.test"])
+    err = SMTPError(451, (4, 4, 0), "No usable MXs, last err: No matching TLSA records", remote_server="mx.x.test.",
+                    fields={"reason": "TLSA mismatch"})
+    for n in (1, 2, 3):
+        t.script[(n, "a@x.test")] = err
+    q.attempt(msg_id)  # at reception time: too early
+    assert b.attempts == 0
+    q.clock.now += 3600
+    q.attempt(msg_id)
+    q.clock.now += 3600
+    q.attempt(msg_id)
+    assert b.attempts == 1  # once only
+    raw = b.delivered[0][2].decode()
+    assert "Action: delayed" in raw and "Status: 4.4.0" in raw and "No matching TLSA records" in raw
+    assert "mx.x.test." in raw and "Subject: Delayed Mail" in raw
+    assert q.read_meta(msg_id).pending == ["a@x.test"]
+
+
+def test_delay_notice_off(queue):
+    """delay_notice 0 never sends a notice."""
+    q, t, b = queue("delay_notice 0")
+    msg_id, _ = submit(q, ["a@x.test"])
+    t.script[(1, "a@x.test")] = TEMP
+    q.clock.now += 10 * 3600
+    q.attempt(msg_id)
+    assert b.attempts == 0
