@@ -160,7 +160,11 @@ def prepare_body(message: bytes) -> bytes:
     different end of data than we meant (SMTP smuggling); lines starting with ``.`` get
     another ``.`` [RFC 5321 §4.5.2]; a missing final line end is added; then ``.CRLF``.
     """
-    data = _LINE_ENDS.sub(b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+        data = message  # already CRLF only: skip the regular expression (the common case)
+    else:
+        data = _LINE_ENDS.sub(b"\r\n", message)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     data = data.replace(b"\r\n.", b"\r\n..")
