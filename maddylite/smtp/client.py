@@ -248,6 +248,8 @@ class SMTPConnection:
         self.transactions = 0
         self.greeting: Reply | None = None
         self._accepted_rcpts = 0
+        #: Commands sent whose replies are still to be read (see rset_deferred).
+        self._owed: list[str] = []
 
     # --- construction ---------------------------------------------------------------------
 
@@ -508,6 +510,7 @@ class SMTPConnection:
                 self.transactions += 1
             self._send(b"".join(line for _, line, _ in window), self.command_timeout,
                        "pipelined commands")
+            self._settle()
             for verb, _, slot in window:
                 reply = self._read_reply(self.command_timeout, verb)
                 if verb == "RSET":
@@ -587,6 +590,9 @@ class SMTPConnection:
         if not self.broken:
             try:
                 self._send(b"QUIT\r\n", timeout, "QUIT")
+                for verb in self._owed:  # replies of deferred commands come first
+                    self._read_reply(timeout, verb)
+                self._owed.clear()
                 reply = self._read_reply(timeout, "QUIT")
                 if reply.code != codes.CLOSING:
                     self.log.debug("QUIT got an unexpected reply",
@@ -696,7 +702,31 @@ class SMTPConnection:
 
     def _exchange(self, line: bytes, command: str) -> Reply:
         self._send(line, self.command_timeout, command)
+        self._settle()
         return self._read_reply(self.command_timeout, command)
+
+    def rset_deferred(self) -> None:
+        """SMTPConnection.rset_deferred sends RSET now and reads its reply with the next command.
+
+        A connection parked in an idle pool gets its RSET this way (B-60) without costing a
+        round trip: the reply is read when the connection is used again, together with the
+        replies of the next batch. A negative or missing reply then breaks the connection
+        and raises, so the caller can open another one.
+        """
+        self._send(b"RSET\r\n", self.command_timeout, "RSET")
+        self._accepted_rcpts = 0
+        self._owed.append("RSET")
+
+    def _settle(self) -> None:
+        """_settle reads the replies owed for deferred commands; a bad one breaks the connection."""
+        while self._owed:
+            verb = self._owed.pop(0)
+            reply = self._read_reply(self.command_timeout, verb)
+            if reply.code != codes.OK:
+                err = self._reply_error(reply, verb)
+                self._owed.clear()
+                self._fail(f"deferred {verb} failed")
+                raise err
 
     def _mark_broken(self, reason: str) -> None:
         self.broken = True

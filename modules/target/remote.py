@@ -737,7 +737,7 @@ class RemoteDelivery:
                 conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
                 continue
             try:
-                conn.rset()
+                conn.rset_deferred()  # its reply is read with the next use (B-60)
             except SMTPError:
                 conn.close()
                 continue

@@ -357,8 +357,14 @@ def test_command_timeout_other_replies_B_102(std_world, rh, verb):
     start = time.monotonic()
     d, res = rh.deliver(t, ["test@example.test"])
     assert time.monotonic() - start < 0.9
-    if verb == "RSET":  # the RSET before parking: the connection is just not pooled
-        assert res == {"test@example.test": None} and t.pool.count() == 0
+    if verb == "RSET":  # the RSET before parking: its reply is awaited at reuse, where the
+        # timeout discards the connection and a new one is opened transparently (B-60)
+        assert res == {"test@example.test": None}
+        srv.replies["RSET"] = lambda _s, _l: gevent.sleep(3)
+        start = time.monotonic()
+        _, res = rh.deliver(t, ["test@example.test"])
+        assert res == {"test@example.test": None} and time.monotonic() - start < 2
+        assert len(srv.sessions) == 2
         return
     expected = ("No usable MXs, last err: Network I/O error", 451, "4.4.0") if verb == "EHLO" else \
         ("Network I/O error", 450, "4.4.2")
