@@ -132,7 +132,7 @@ def test_refused(harness, deliver, name, policies, remote, code, enhanced, fragm
 def test_per_recipient_replies_B_30(harness, deliver):
     """B-30/B-28: one connection, per-recipient RCPT results, only accepted ones delivered."""
     domain = _scenario_domain(harness, "reject")
-    ok, bad, later = f"ok1@{domain}", f"bad@{domain}", f"later@{domain}"
+    ok, bad, later = harness.new_address(domain, prefix="ok"), f"bad@{domain}", f"later@{domain}"
     mark = harness.mark()
     rc, res, _ = deliver([bad, ok, later])
     assert (res[bad].code, res[bad].enhanced, res[bad].status) == (550, "5.1.1", "permanent-failure")
