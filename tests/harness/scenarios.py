@@ -396,6 +396,15 @@ SCENARIOS: list[dict] = [
         "spec": ["C-44", "B-81", "B-82"],
     },
     {
+        "name": "sts-shared",
+        "domain": "sts-shared.test",
+        "mx": [[10, "mx.sts-notls.test"]],
+        "expect": "no MTA-STS policy, MX shared with sts-notls.test (enforce, no STARTTLS): "
+        "delivered in plaintext, while sts-notls.test mail to the same MX is refused",
+        "via": "mx.sts-notls.test",
+        "spec": ["C-55", "B-66"],
+    },
+    {
         "name": "sts-expired",
         "domain": "sts-expired.test",
         "mx": [[10, "mx.sts-expired.test"]],

@@ -153,11 +153,21 @@ def test_two_domains_two_connections_B_29(harness, deliver):
     assert harness.wait_mailbox(b)[0].received_by == "mx.plain.test"
 
 
-def test_shared_mx_strict_policy_only_for_its_domain(harness, deliver):
-    """Two domains on one weak MX where only one has a strict policy: only that one is refused."""
+def test_shared_mx_strict_policy_only_for_its_domain_C_55_B_66(harness, deliver):
+    """C-55/B-66: two domains on one MX without STARTTLS; only sts-notls.test has an enforce policy.
+    Its recipient is refused and never reaches RCPT at that MX, the other domain's is delivered
+    there in plaintext, on its own connection."""
     strict = harness.new_address(_scenario_domain(harness, "sts-notls"))
-    plain = harness.new_address(_scenario_domain(harness, "plain"))
+    other = harness.new_address(_scenario_domain(harness, "sts-shared"))
     mark = harness.mark()
-    rc, res, _ = deliver([strict, plain], policies=STS_ONLY)
-    assert res[strict].code == 451 and res[plain].status == "delivered"
-    assert harness.count_commands("mx.sts-notls.test", "MAIL", since=mark) == 0
+    rc, res, _ = deliver([strict, other], policies=STS_ONLY)
+    assert (res[strict].code, res[strict].enhanced) == (451, "4.4.0")
+    assert "TLS is required but unavailable or failed (MTA-STS)" in res[strict].text
+    assert res[other].status == "delivered" and res[other].mx == "mx.sts-notls.test."
+    (msg,) = harness.wait_mailbox(other)
+    assert msg.received_by == "mx.sts-notls.test" and not msg.tls
+    assert harness.mailbox(strict) == []
+    harness.wait_sessions_closed("mx.sts-notls.test", since=mark)
+    sessions = harness.mx_sessions("mx.sts-notls.test", since=mark)
+    rcpts = [c for sess in sessions for c in sess.commands if c.upper().startswith("RCPT")]
+    assert rcpts and all(strict.split("@")[1] not in c for c in rcpts), rcpts
