@@ -49,6 +49,9 @@ class Figure:
             lines.append(f"  ratio       {r:.3f} (>1 = maddylite better)" + (f"; goal {self.goal}" if self.goal else ""))
         elif self.goal:
             lines.append(f"  goal        {self.goal}")
+        if r is not None and r < 1:
+            who = "the goal" if self.peer_name == "goal" else self.peer_name
+            lines.append(f"  verdict     maddylite loses to {who} here")
         if self.note:
             lines.append(f"  note        {self.note}")
         return "\n".join(lines)

@@ -33,7 +33,7 @@ P = 20
 
 def run(quick: bool) -> list[Figure]:
     h = env.harness()
-    n = 200 if quick else 1000
+    n = 100 if quick else 1000
     reps = 3
     crlf, lf = env.message_files()
     state = env.workdir("tls")
@@ -68,8 +68,17 @@ def run(quick: bool) -> list[Figure]:
                     t0 = time.monotonic()
                     pf.flush()
                     fig.peer.append(n / (pf.wait_empty(120 + n / 5) - t0))
-        for fig in figs:
+        for i, (fig, (_, remote, _)) in enumerate(zip(figs, modes, strict=True)):
             fig.note = (f"peer: {pf.description}, {P} smtp processes, preloaded queue" if pf else problem)
+            if (fig.ratio or 1.0) < 1.0:
+                name = f"tls-{('new', 'reused')[i]}"
+                prof = env.RESULTS / f"{name}.prof"
+                env.RESULTS.mkdir(parents=True, exist_ok=True)
+                spec = {"config": env.engine_config(h, state, remote), "message": str(crlf), "domains": domains,
+                        "count": n, "parallel": P, "port": 25, "profile": str(prof)}
+                r = env.run_driver(h, spec, f"{name}-profile")
+                fig.note += ("; maddylite loses: " + env.save_profile(name, r, prof)
+                             + "; top (own time): " + "; ".join(env.top_functions(r, 4)))
     finally:
         if pf is not None:
             pf.stop()
