@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)}")
-    print(f"# maddylite benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}), quick={args.quick}")
+    rev = _revision()
+    print(f"# maddylite benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs), {rev}, quick={args.quick}")
     figures = []
     done: set[str] = set()
     for name in names:
@@ -59,13 +62,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f.render(), flush=True)
             figures.append(f.as_dict())
         print(f"# {name}: {time.monotonic() - t0:.0f} s", flush=True)
-    import os
-
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fp:
-        json.dump({"date": time.time(), "quick": args.quick, "figures": figures}, fp, indent=1)
+        json.dump({"date": time.time(), "quick": args.quick, "revision": rev, "machine": platform.node(),
+                   "figures": figures}, fp, indent=1)
     print(f"# results written to {args.json}")
     return 0
+
+
+def _revision() -> str:
+    """_revision names the code measured: the commit, and whether the code differs from it."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "maddylite", "modules"], cwd=repo, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "revision unknown"
+    return f"commit {head}" + (" with uncommitted changes in maddylite/ or modules/" if dirty else "")
 
 
 def compare(old: str, new: str) -> int:

@@ -86,8 +86,10 @@ def run(quick: bool) -> list[Figure]:
             pf.stop()
     fig.note = "one message: " + "; ".join(f"{k}: {v}" for k, v in examples.items())
     if fig.ours and statistics.median(fig.ours) > 2:
-        fig.note += ("; above the goal: DATA waits for the RCPT reply (B-95) and the connection is reset"
-                     " (RSET) when parked and again before the next MAIL")
+        why = ["DATA waits for the RCPT reply (B-95), so the content is a turn of its own after DATA's"]
+        if any(t.strip() == "RSET" for t in examples.get("maddylite", "").split("|")):
+            why.append("the RSET that parks the connection waits for its reply in a turn of its own")
+        fig.note += "; above the goal: " + "; ".join(why)
     if problem:
         fig.note += "; " + problem
     return [fig]
