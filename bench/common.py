@@ -50,8 +50,8 @@ class Figure:
         elif self.goal:
             lines.append(f"  goal        {self.goal}")
         if r is not None and r < 1:
-            who = "the goal" if self.peer_name == "goal" else self.peer_name
-            lines.append(f"  verdict     maddylite loses to {who} here")
+            verdict = "maddylite misses the goal" if self.peer_name == "goal" else f"maddylite loses to {self.peer_name}"
+            lines.append(f"  verdict     {verdict}")
         if self.note:
             lines.append(f"  note        {self.note}")
         return "\n".join(lines)
