@@ -81,6 +81,15 @@ class PostfixRelay:
                 self.extra.setdefault("smtp_tls_policy_maps", self.sts.map)
             except Exception as e:  # noqa: BLE001 - the figure says what the peer lacked
                 self.sts_problem = f"mta-sts-daemon unavailable ({e}); the peer runs without MTA-STS"
+        try:
+            self._start()
+        except BaseException:
+            if self.sts is not None:
+                self.sts.stop()
+            raise
+
+    def _start(self) -> None:
+        h = self.h
         self.write_config()
         p = h.ns_run(["postfix", "-c", str(self.etc), "check"], timeout=60)
         if p.returncode != 0:
@@ -89,7 +98,12 @@ class PostfixRelay:
             self.sts_problem = self._check_sts()
         self.log = open(self.logdir / "master.out", "wb")
         self.proc = h.ns_popen([POSTFIX_MASTER, "-c", str(self.etc), "-d"], stdout=self.log, stderr=self.log)
-        env.wait_listening(h, "127.0.0.1", self.port, self.proc, timeout=30)
+        try:
+            env.wait_listening(h, "127.0.0.1", self.port, self.proc, timeout=30)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _check_sts(self) -> str:
         """_check_sts asks the resolver for an enforced MTA-STS domain of the harness; it

@@ -42,6 +42,14 @@ class RecSink:
         self.proc.wait(timeout=30)
         return list(json.load(open(self.out)))
 
+    def __enter__(self) -> RecSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def run(quick: bool) -> list[Figure]:
     h = env.harness()
@@ -57,9 +65,9 @@ def run(quick: bool) -> list[Figure]:
     spec = {"config": env.engine_config(h, root / "state", "conn_reuse_limit 1000000"), "message": str(crlf),
             "domains": ["b000.bench.test"], "count": n, "parallel": 1, "port": port}
     for _ in range(reps):
-        rec = RecSink(h, port, out)
-        r = env.run_driver(h, spec, "roundtrips")
-        s = rec.sessions()
+        with RecSink(h, port, out) as rec:
+            r = env.run_driver(h, spec, "roundtrips")
+            s = rec.sessions()
         if r["failed"]:
             raise RuntimeError(f"roundtrips: {r['failed']} deliveries failed: {r['errors']}")
         fig.ours.append(statistics.mean(per_message(s)))
@@ -74,12 +82,12 @@ def run(quick: bool) -> list[Figure]:
         fig.peer_name = "Postfix"
         try:
             for _ in range(reps):
-                rec = RecSink(h, port, out)
-                preload(pf, lambda p: ["smtp-source", "-s", "5", "-m", str(n), "-d", "-F", str(lf), "-f", env.SENDER,
-                                       "-M", "client.bench.test", "-t", "rcpt@b000.bench.test", f"127.0.0.1:{p}"], n)
-                pf.flush()
-                pf.wait_empty(120)
-                s = rec.sessions()
+                with RecSink(h, port, out) as rec:
+                    preload(pf, lambda p: ["smtp-source", "-s", "5", "-m", str(n), "-d", "-F", str(lf), "-f", env.SENDER,
+                                           "-M", "client.bench.test", "-t", "rcpt@b000.bench.test", f"127.0.0.1:{p}"], n)
+                    pf.flush()
+                    pf.wait_empty(120)
+                    s = rec.sessions()
                 fig.peer.append(statistics.mean(per_message(s)))
                 examples["Postfix"] = example(s)
         finally:
