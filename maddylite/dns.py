@@ -36,6 +36,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 import gevent
+import gevent.event
 import gevent.socket
 
 from maddylite.log import Logger
@@ -66,6 +67,8 @@ FALLBACK_NAMESERVERS: tuple[tuple[str, int], ...] = (("127.0.0.1", 53), ("::1", 
 EDNS_PAYLOAD = 4096
 #: Longest CNAME chain followed, within an answer and across re-queries (B-13).
 MAX_CNAME_HOPS = 8
+#: Most answers kept by a caching Resolver.
+CACHE_MAX_ENTRIES = 10_000
 
 ErrorKind = Literal[
     "nxdomain", "nodata", "servfail", "refused", "rcode", "timeout", "network", "badname",
@@ -250,7 +253,9 @@ class Resolver:
     many rounds are made over the servers that timed out or failed at the network level;
     *lifetime* (default: ``timeout × servers × attempts``) bounds a whole lookup.
     *trust_ad* decides, from the address that answered, whether AD is believed. *logger*
-    receives the C-64 warning (default: a ``dns`` logger).
+    receives the C-64 warning (default: a ``dns`` logger). With *cache_max_ttl* > 0
+    answers with records are cached for their TTL (capped), and concurrent identical
+    lookups share one query; the AD bit is cached with the answer.
     """
 
     def __init__(
@@ -264,6 +269,7 @@ class Resolver:
         trust_ad: Callable[[str], bool] = is_loopback,
         clock: Callable[[], float] = time.monotonic,
         logger: Logger | None = None,
+        cache_max_ttl: int = 0,
     ) -> None:
         self.log = logger or Logger("dns")
         self.dnssec_capable = True
@@ -284,6 +290,11 @@ class Resolver:
             timeout * len(self.nameservers) * self.attempts
         self._trust_ad = trust_ad
         self._clock = clock
+        #: Positive answers are kept for their TTL, at most this many seconds (0: no cache).
+        #: Concurrent identical lookups always share one query when the cache is on.
+        self.cache_max_ttl = cache_max_ttl
+        self._cache: dict[tuple[str, str], tuple[float, QueryResult]] = {}
+        self._inflight: dict[tuple[str, str], gevent.event.AsyncResult] = {}
 
     # --- lookups --------------------------------------------------------------------------
 
@@ -400,6 +411,43 @@ class Resolver:
             gevent.killall([g for g in greenlets if not g.dead], block=True)
 
     def _lookup(self, name: str, rdtype: str, lifetime: float | None = None) -> QueryResult:
+        """_lookup answers from the cache when enabled, sharing one query among concurrent callers."""
+        if self.cache_max_ttl <= 0:
+            return self._lookup_uncached(name, rdtype, lifetime)
+        key = (name.lower().rstrip("."), rdtype)
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        waiter = self._inflight.get(key)
+        if waiter is not None:  # the same question is already on the wire: wait for its answer
+            budget = self.lifetime if lifetime is None else lifetime
+            try:
+                return waiter.get(timeout=budget)
+            except gevent.Timeout:
+                raise DNSError("timeout", f"dns: timeout when looking up {name}", name=name,
+                               rdtype=rdtype) from None
+        ev: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self._inflight[key] = ev
+        try:
+            res = self._lookup_uncached(name, rdtype, lifetime)
+        except Exception as e:
+            ev.set_exception(e)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        ev.set(res)
+        if res.rrset is not None:
+            ttl = min(int(res.rrset.ttl), self.cache_max_ttl)
+            if ttl > 0:
+                if len(self._cache) >= CACHE_MAX_ENTRIES:
+                    self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                    if len(self._cache) >= CACHE_MAX_ENTRIES:
+                        self._cache.clear()
+                self._cache[key] = (now + ttl, res)
+        return res
+
+    def _lookup_uncached(self, name: str, rdtype: str, lifetime: float | None = None) -> QueryResult:
         qname = _to_name(name, rdtype)
         wanted = dns.rdatatype.from_text(rdtype)
         deadline = self._clock() + (self.lifetime if lifetime is None else lifetime)

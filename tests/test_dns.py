@@ -615,3 +615,26 @@ def test_ordered_mx_sorts_and_shuffles_equal_preferences() -> None:
         assert [p for p, _ in out] == [10, 10, 20, 30]
         orders.add(tuple(h for _, h in out[:2]))
     assert orders == {("a.", "b."), ("b.", "a.")}
+
+
+def test_cache_answers_for_the_ttl_and_shares_concurrent_queries(world: FakeDNS) -> None:
+    """A caching resolver asks once per TTL, and concurrent identical lookups share one query."""
+    import gevent
+
+    now = [1000.0]
+    r = resolver_for(world, cache_max_ttl=300, clock=lambda: now[0])
+    first = r.lookup_mx("example.test")
+    n = len(world.queries)
+    assert r.lookup_mx("example.test").records == first.records and len(world.queries) == n
+    now[0] += 301  # past the cap (the fake's TTL is at least that)
+    r.lookup_mx("example.test")
+    assert len(world.queries) == n + 1
+    uncached = resolver_for(world)
+    uncached.lookup_mx("example.test")
+    uncached.lookup_mx("example.test")
+    assert len(world.queries) == n + 3
+    shared = resolver_for(world, cache_max_ttl=300)
+    before = len(world.queries)
+    results = [g.get() for g in [gevent.spawn(shared.lookup_addrs, "mx.example.test") for _ in range(20)]]
+    assert all(res.addresses == results[0].addresses for res in results)
+    assert len(world.queries) - before == 2  # one A and one AAAA query for 20 callers

@@ -217,7 +217,9 @@ class RemoteTarget(ModuleBase):
     def start(self) -> None:
         """start creates the resolver (if not injected) and the idle sweeper."""
         if self.resolver is None:
-            self.resolver = dns.Resolver()
+            # Many deliveries to one domain ask the same questions: cache positive answers
+            # for their TTL (at most 5 minutes, as a local validating resolver would).
+            self.resolver = dns.Resolver(cache_max_ttl=300)
         self._greenlets.spawn(self._sweeper)
 
     def stop(self, timeout: float) -> None:
