@@ -53,6 +53,8 @@ from maddylite.smtp.errors import SMTPError
 
 #: How often the directory is scanned for unscheduled messages and flush requests.
 RESCAN_INTERVAL = 5.0
+#: Most accepted messages kept in memory for their first attempt (the rest are read back).
+FRESH_MAX = 256
 #: Unscheduled messages younger than this are left to their writer.
 RESCAN_MIN_AGE = 30.0
 
@@ -219,6 +221,8 @@ class Queue(ModuleBase):
         self._wake = gevent.event.Event()
         self._pool = gevent.pool.Pool(settings.max_parallelism)
         self._running: set[str] = set()
+        #: Messages accepted and not yet attempted, kept so the first attempt skips the reads.
+        self._fresh: dict[str, tuple[QueueMeta, bytes, bytes]] = {}
         self._scheduler: gevent.Greenlet | None = None
 
     @property
@@ -280,9 +284,11 @@ class Queue(ModuleBase):
             _write_file(self._path(meta.id, "header"), header)
             _write_file(self._path(meta.id, "body"), body)
             self._write_meta(qm)
+            if len(self._fresh) < FRESH_MAX:
+                self._fresh[meta.id] = (QueueMeta.from_json(qm.to_json()), header, body)
         except OSError as e:
             self.log.error("cannot store message", e, msg_id=meta.id)
-            self.remove(meta.id)
+            self.remove(meta.id, partial=True)
             raise SMTPError(451, (4, 3, 0), "Temporary storage failure, try again later") from e
 
     def _write_meta(self, qm: QueueMeta) -> None:
@@ -296,9 +302,10 @@ class Queue(ModuleBase):
         with open(self._path(msg_id, "meta"), encoding="utf-8") as f:
             return QueueMeta.from_json(json.load(f))
 
-    def remove(self, msg_id: str) -> None:
-        """remove deletes a message's files."""
-        for ext in ("meta", "meta.new", "header", "body"):
+    def remove(self, msg_id: str, partial: bool = False) -> None:
+        """remove deletes a message's files (``partial``: also a half-written meta)."""
+        self._fresh.pop(msg_id, None)
+        for ext in ("meta", "meta.new", "header", "body") if partial else ("meta", "header", "body"):
             try:
                 os.unlink(self._path(msg_id, ext))
             except FileNotFoundError:
@@ -421,14 +428,20 @@ class Queue(ModuleBase):
 
     def attempt(self, msg_id: str) -> None:
         """attempt delivers the pending recipients of one message once."""
-        try:
-            qm = self.read_meta(msg_id)
-        except FileNotFoundError:
-            return  # dropped meanwhile
-        with open(self._path(msg_id, "header"), "rb") as f:
-            header = f.read()
-        with open(self._path(msg_id, "body"), "rb") as f:
-            body = f.read()
+        fresh = self._fresh.pop(msg_id, None)
+        if fresh is not None and os.path.exists(self._path(msg_id, "meta")):
+            # The first attempt right after acceptance uses what was just written;
+            # retries always read the files again (D-34).
+            qm, header, body = fresh
+        else:
+            try:
+                qm = self.read_meta(msg_id)
+            except FileNotFoundError:
+                return  # dropped meanwhile
+            with open(self._path(msg_id, "header"), "rb") as f:
+                header = f.read()
+            with open(self._path(msg_id, "body"), "rb") as f:
+                body = f.read()
         meta = MsgMetadata.from_json(qm.msg)
         now = self.clock()
         qm.attempts += 1
