@@ -66,10 +66,19 @@ class FakeDNS:
         self.chase = True
         self.noise = False
         self.queries: list[tuple[dns.message.Message, str]] = []
-        self.udp = DatagramServer(("127.0.0.1", 0), self._udp)
-        self.udp.start()
-        self.tcp = StreamServer(("127.0.0.1", self.udp.server_port), self._tcp)
-        self.tcp.start()
+        # The UDP port is chosen by the kernel; the same TCP port may be taken by another
+        # socket, so try again with a new pair until both bind.
+        for _ in range(50):
+            self.udp = DatagramServer(("127.0.0.1", 0), self._udp)
+            self.udp.start()
+            try:
+                self.tcp = StreamServer(("127.0.0.1", self.udp.server_port), self._tcp)
+                self.tcp.start()
+                break
+            except OSError:
+                self.udp.close()
+        else:
+            raise OSError("no free UDP+TCP port pair")
 
     @property
     def address(self) -> tuple[str, int]:
