@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env
+from bench.common import stop_process
 
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -46,13 +47,7 @@ class MtaStsDaemon:
         return f"socketmap:inet:127.0.0.1:{self.port}:postfix"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

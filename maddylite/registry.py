@@ -269,6 +269,11 @@ class Builder:
         self._instances[key] = inst
         return inst
 
+    def instance(self, name: str) -> ModuleBase | None:
+        """instance returns the configured top-level instance called ``name`` (or an alias)."""
+        blk = self._blocks.get(name)
+        return self._instances.get(blk.instance_name) if blk is not None else None
+
     def current_instance(self) -> str | None:
         """current_instance is the top-level instance being configured right now, if any."""
         return self._stack[-1][0] if self._stack else None

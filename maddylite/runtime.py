@@ -152,7 +152,7 @@ class Runtime:
     def instance(self, name: str) -> ModuleBase | None:
         """instance returns the top-level instance called ``name``, if configured."""
         assert self.builder is not None
-        return self.builder._instances.get(name)
+        return self.builder.instance(name)
 
     def start(self) -> None:
         """start starts every module (StartError rolls back)."""

@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from maddylite.config.directives import Custom, Directive, Enum, StringList, process
+from maddylite.config.directives import Custom, Directive, StringList, process
 from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
 
@@ -214,6 +214,3 @@ def parse_tls_server(node: ConfigNode, builder: Any) -> TLSServerConfig:
 
 
 TLS_SERVER_TYPE = Custom(fn=parse_tls_server, syntax_text="off | [file] cert key [{ protocols ... }]")
-
-#: Values accepted by ``min_tls_level`` and friends.
-TLS_LEVELS = Enum(choices=("none", "encrypted", "authenticated"))

@@ -27,14 +27,13 @@ def load_runtime(source: ConfigSource) -> Runtime:
 
 
 def split_message(raw: bytes) -> tuple[bytes, bytes]:
-    """split_message normalises line ends to CRLF and splits header and body."""
+    """split_message normalises line ends to CRLF and splits header and body like the endpoint."""
+    from maddylite.modules.endpoint.smtp import split_message as split_crlf
+
     text = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    if text.startswith(b"\r\n"):
-        return b"", text[2:]
-    idx = text.find(b"\r\n\r\n")
-    if idx < 0:
-        return text if text.endswith(b"\r\n") else text + b"\r\n", b""
-    return text[: idx + 2], text[idx + 4 :]
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return split_crlf(text)
 
 
 def pick_target(rt: Runtime, name: str | None) -> Any:

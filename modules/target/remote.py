@@ -29,9 +29,17 @@ import gevent
 import gevent.pool
 
 from maddylite import dns
-from maddylite.config.directives import Bool, Custom, Directive, Duration, Int, ModuleRef, Settings
+from maddylite.config.directives import (
+    Bool,
+    Custom,
+    Directive,
+    Duration,
+    Int,
+    ModuleRef,
+    Settings,
+    String,
+)
 from maddylite.config.errors import ConfigError
-from maddylite.config.nodes import ConfigNode
 from maddylite.interfaces import DeliveryTarget, Limits, MsgMetadata, MXAuthGroup
 from maddylite.log import Logger
 from maddylite.policy import DeliveryPolicy, MXCandidate, MXLevel, TLSLevel
@@ -47,14 +55,6 @@ DEFAULT_COMMAND_TIMEOUT = 300.0
 DEFAULT_SUBMISSION_TIMEOUT = 720.0
 #: How often idle connections are swept (B-65).
 SWEEP_INTERVAL = 60.0
-
-
-def _hostname_alabel(node: ConfigNode, builder: Any) -> str:
-    if node.has_block:
-        raise ConfigError("can't declare block here")
-    if len(node.args) != 1:
-        raise ConfigError("expected 1 argument")
-    return to_alabel_hostname(node.args[0])  # here, so that an error points at the directive
 
 
 def to_alabel_hostname(name: str) -> str:
@@ -178,9 +178,9 @@ class RemoteTarget(ModuleBase):
     roles = (DeliveryTarget,)
 
     directives = (
-        Directive(name="hostname", type=Custom(fn=_hostname_alabel, syntax_text="domain"), required=True, inherit_global=True, help="Name sent in EHLO/HELO; converted to A-labels."),
+        Directive(name="hostname", type=Custom(fn=lambda n, b: to_alabel_hostname(String().parse(n, b)), syntax_text="domain"), required=True, inherit_global=True, help="Name sent in EHLO/HELO; converted to A-labels."),
         Directive(name="limits", type=ModuleRef(role=Limits), default=None, help="Rate and concurrency limits (&name or an inline limits block)."),
-        Directive(name="local_ip", type=Custom(fn=lambda n, b: parse_local_ip(_one_arg(n)), syntax_text="IP address"), default=None, help="Source address for outbound connections."),
+        Directive(name="local_ip", type=Custom(fn=lambda n, b: parse_local_ip(String().parse(n, b)), syntax_text="IP address"), default=None, help="Source address for outbound connections."),
         Directive(name="force_ipv4", type=Bool(), default=False, help="Use only IPv4 addresses of MX hosts."),
         Directive(name="connect_timeout", type=Duration(), default=DEFAULT_CONNECT_TIMEOUT, help="Bound on resolving an MX host's addresses plus the TCP handshake (0 = 5m)."),
         Directive(name="command_timeout", type=Duration(), default=DEFAULT_COMMAND_TIMEOUT, help="Bound on each command reply, each body write and the TLS handshake (0 = 5m)."),
@@ -246,14 +246,6 @@ class RemoteTarget(ModuleBase):
         if self.limits is not None:
             self.limits.take_msg(meta.src_ip, _domain_of(mail_from))
         return RemoteDelivery(self, meta, mail_from)
-
-
-def _one_arg(node: ConfigNode) -> str:
-    if node.has_block:
-        raise ConfigError("can't declare block here")
-    if len(node.args) != 1:
-        raise ConfigError("expected 1 argument")
-    return node.args[0]
 
 
 @dataclass
