@@ -19,13 +19,14 @@ Error model:
   :class:`~maddylite.smtp.errors.TLSHandshakeError` with ``kind`` ``"verify"`` or
   ``"handshake"``.
 
-Round trips. PIPELINING is used for ``[RSET] MAIL RCPT...`` only. DATA is never pipelined:
-behaviour.md B-95 forbids sending DATA before one RCPT is known to have succeeded (and
-B-40 forbids DATA on a connection without accepted recipients), and the content may only
-follow the 354 reply. So a message on a reused pipelining connection costs three round trips:
-``RSET+MAIL+RCPT...``, ``DATA``, then the content with the final dot. Pipelining DATA too
-would save one round trip but, when every RCPT fails, puts the connection in the DATA state
-and leaves the client to terminate an empty message; we prefer the simpler, compliant order.
+Round trips. PIPELINING is used for ``[RSET] MAIL RCPT...`` only, and the content waits for
+the RCPT replies: behaviour.md B-95 forbids sending DATA before one RCPT is known to have
+succeeded (and B-40 forbids DATA on a connection without accepted recipients). When the
+server offers CHUNKING [RFC 3030], :meth:`SMTPConnection.send_message` sends the content as
+one ``BDAT <size> LAST`` chunk in the same write as its command, so a message on a reused
+pipelining connection costs two round trips: ``RSET+MAIL+RCPT...`` and ``BDAT``+content.
+Without CHUNKING it costs three: the envelope, ``DATA`` (the content may only follow the
+354 reply), then the content with the final dot.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "to_ascii_address",
     "to_ascii_domain",
     "prepare_body",
+    "canonical_body",
 ]
 
 #: Longest reply line accepted, CRLF excluded (B-99).
@@ -153,12 +155,11 @@ def to_ascii_address(addr: str) -> str:
     return f"{local}@{to_ascii_domain(domain)}"
 
 
-def prepare_body(message: bytes) -> bytes:
-    """prepare_body turns a message into the DATA payload, final dot included.
+def canonical_body(message: bytes) -> bytes:
+    """canonical_body gives every line a CRLF end: the content of a BDAT chunk [RFC 3030 §3].
 
     Every line end (CRLF, bare LF, bare CR) becomes CRLF, so that no peer can read a
-    different end of data than we meant (SMTP smuggling); lines starting with ``.`` get
-    another ``.`` [RFC 5321 §4.5.2]; a missing final line end is added; then ``.CRLF``.
+    different message than we meant (SMTP smuggling); a missing final line end is added.
     """
     crlf = message.count(b"\r\n")
     if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
@@ -167,7 +168,16 @@ def prepare_body(message: bytes) -> bytes:
         data = _LINE_ENDS.sub(b"\r\n", message)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
-    data = data.replace(b"\r\n.", b"\r\n..")
+    return data
+
+
+def prepare_body(message: bytes) -> bytes:
+    """prepare_body turns a message into the DATA payload, final dot included.
+
+    Line ends are made CRLF by :func:`canonical_body`; lines starting with ``.`` get
+    another ``.`` [RFC 5321 §4.5.2]; then ``.CRLF``.
+    """
+    data = canonical_body(message).replace(b"\r\n.", b"\r\n..")
     if data.startswith(b"."):
         data = b"." + data
     return data + b".\r\n"
@@ -566,6 +576,42 @@ class SMTPConnection:
         self._expect(reply, (codes.OK,), "end of data")
         return reply
 
+    def bdat(self, message: bytes) -> Reply:
+        """SMTPConnection.bdat sends the message as one ``BDAT <size> LAST`` chunk; 250 succeeds.
+
+        The server must have offered CHUNKING [RFC 3030]. The content is the message with
+        CRLF line ends (:func:`canonical_body`), neither dot-stuffed nor ended by a dot; the
+        command and the content go out in one write when the content fits in one
+        :data:`BODY_CHUNK`. Each write is bounded by the command timeout (B-104) and the one
+        reply by the submission timeout (B-103), as the final reply of DATA is. Like
+        :meth:`data`, it needs an accepted recipient (B-40, B-95); otherwise ValueError.
+        """
+        if self._accepted_rcpts <= 0:
+            raise ValueError("bdat() called without an accepted recipient")
+        self._settle()
+        content = canonical_body(message)
+        head = b"BDAT %d LAST\r\n" % len(content)
+        if len(content) <= BODY_CHUNK:
+            self._send(head + content, self.command_timeout, "BDAT")
+        else:
+            self._send(head, self.command_timeout, "BDAT")
+            payload = memoryview(content)
+            for start in range(0, len(payload), BODY_CHUNK):
+                self._send(payload[start : start + BODY_CHUNK], self.command_timeout, "body")
+        reply = self._read_reply(self.submission_timeout, "BDAT")
+        self._accepted_rcpts = 0
+        self._expect(reply, (codes.OK,), "BDAT")
+        return reply
+
+    def send_message(self, message: bytes) -> Reply:
+        """SMTPConnection.send_message sends the content with BDAT when CHUNKING is offered, else DATA.
+
+        See :meth:`bdat` and :meth:`data`; the result and the errors are the same.
+        """
+        if self.supports("CHUNKING"):
+            return self.bdat(message)
+        return self.data(message)
+
     def rset(self) -> Reply:
         """SMTPConnection.rset aborts the current transaction; anything but 250 raises."""
         reply = self._exchange(b"RSET\r\n", "RSET")
@@ -589,10 +635,10 @@ class SMTPConnection:
             return
         if not self.broken:
             try:
+                if not self.supports("PIPELINING"):
+                    self._read_owed(timeout)
                 self._send(b"QUIT\r\n", timeout, "QUIT")
-                for verb in self._owed:  # replies of deferred commands come first
-                    self._read_reply(timeout, verb)
-                self._owed.clear()
+                self._read_owed(timeout)  # replies of deferred commands come first
                 reply = self._read_reply(timeout, "QUIT")
                 if reply.code != codes.CLOSING:
                     self.log.debug("QUIT got an unexpected reply",
@@ -643,6 +689,7 @@ class SMTPConnection:
         rcpts: list[str],
         rset_first: bool,
     ) -> tuple[Reply | SMTPError, list[Reply | SMTPError]]:
+        self._settle()  # a deferred RSET that failed raises, as in a pipelined batch
         if rset_first:
             try:
                 self.rset()
@@ -701,6 +748,8 @@ class SMTPConnection:
         return reply.error(self.remote_server, command=command)
 
     def _exchange(self, line: bytes, command: str) -> Reply:
+        if self._owed and not self.supports("PIPELINING"):
+            self._settle()  # without PIPELINING a deferred reply is read before the next command
         self._send(line, self.command_timeout, command)
         self._settle()
         return self._read_reply(self.command_timeout, command)
@@ -727,6 +776,11 @@ class SMTPConnection:
                 self._owed.clear()
                 self._fail(f"deferred {verb} failed")
                 raise err
+
+    def _read_owed(self, timeout: float) -> None:
+        """_read_owed reads (and ignores) the replies owed for deferred commands, before QUIT."""
+        while self._owed:
+            self._read_reply(timeout, self._owed.pop(0))
 
     def _mark_broken(self, reason: str) -> None:
         self.broken = True

@@ -171,3 +171,27 @@ def test_shared_mx_strict_policy_only_for_its_domain_C_55_B_66(harness, deliver)
     sessions = harness.mx_sessions("mx.sts-notls.test", since=mark)
     rcpts = [c for sess in sessions for c in sess.commands if c.upper().startswith("RCPT")]
     assert rcpts and all(strict.split("@")[1] not in c for c in rcpts), rcpts
+
+
+def test_content_sent_with_bdat_to_postfix_B_95(harness, deliver):
+    """B-95/B-97 with CHUNKING [RFC 3030]: Postfix offers CHUNKING, so the content goes as one
+    ``BDAT <size> LAST`` chunk after the RCPT reply, never with DATA. The message arrives
+    byte for byte: lines starting with a dot, a line that is only a dot, bare LF line ends
+    (sent as CRLF), 8-bit text and a body larger than one write."""
+    domain = _scenario_domain(harness, "plain")
+    rcpt = harness.new_address(domain)
+    body_lines = [".leading dot", ".", "..two dots", "8-bit: Grüße, ÿ", *(f"line {i:05d} " + "x" * 70 for i in range(2000))]
+    message = ("From: sender@sender.test\nSubject: bdat\n\n" + "\n".join(body_lines) + "\n").encode()
+    mark = harness.mark()
+    rc, res, log = deliver([rcpt], message=message)
+    assert (rc, res[rcpt].status) == (0, "delivered"), log[-2000:]
+    (msg,) = harness.wait_mailbox(rcpt)
+    received_body = msg.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+    assert received_body == ("\n".join(body_lines) + "\n").encode()
+    harness.wait_sessions_closed("mx.plain.test", since=mark)
+    commands = [c.upper() for c in harness.mx_commands("mx.plain.test", since=mark)]
+    bdat = [c for c in commands if c.startswith("BDAT")]
+    assert len(bdat) == 1 and bdat[0].endswith(" LAST"), commands
+    assert int(bdat[0].split()[1]) > 150_000
+    assert "DATA" not in commands
+    assert commands.index(bdat[0]) > max(i for i, c in enumerate(commands) if c.startswith("RCPT"))

@@ -45,7 +45,7 @@ class FakeSMTPServer:
     """FakeSMTPServer answers SMTP like a simple, well-behaved MX unless told otherwise.
 
     ``replies`` maps an upper-case verb (``EHLO``, ``MAIL``, ``RCPT``, ``DATA``, ``DOT``
-    for the end of data, ``QUIT``...) to reply bytes or to a hook ``(session, line)``
+    for the end of data, ``BDAT`` for the reply after a chunk, ``QUIT``...) to reply bytes or to a hook ``(session, line)``
     returning bytes, None (default reply) or :data:`CLOSE`. ``rcpt_replies`` maps a
     recipient address to its reply.
     """
@@ -129,6 +129,8 @@ class FakeSMTPServer:
         buf = b""
         in_data = False
         body = b""
+        chunk_left = 0  # bytes of a BDAT chunk still to come
+        chunk_last = False
         while True:
             chunk = sock.recv(65536)
             if not chunk:
@@ -138,6 +140,19 @@ class FakeSMTPServer:
             turn: list[str] = []
             starttls = False
             while True:
+                if chunk_left:
+                    take = buf[:chunk_left]
+                    body += take
+                    buf = buf[len(take):]
+                    chunk_left -= len(take)
+                    if chunk_left:
+                        break
+                    r = self._end_chunk(s, turn, chunk_last, body)
+                    body = b"" if chunk_last else body
+                    if r is CLOSE:
+                        return
+                    out.append(r)
+                    continue
                 if in_data:
                     body += buf
                     buf = b""
@@ -167,6 +182,18 @@ class FakeSMTPServer:
                 s.commands.append(line)
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                 turn.append(verb)
+                if verb == "BDAT":  # the reply comes after the chunk [RFC 3030]
+                    size, _, last = line[5:].partition(" ")
+                    chunk_left, chunk_last = int(size), last.upper() == "LAST"
+                    if chunk_left:
+                        continue
+                    # an empty chunk is answered at once
+                    r = self._end_chunk(s, turn, chunk_last, body)
+                    body = b"" if chunk_last else body
+                    if r is CLOSE:
+                        return
+                    out.append(r)
+                    continue
                 reply = self._default(s, verb, line)
                 reply = self._reply(s, verb, line, reply)
                 if reply is CLOSE:
@@ -188,6 +215,13 @@ class FakeSMTPServer:
             if starttls:
                 sock = self._wrap(sock, s)
                 s.tls = True
+
+    def _end_chunk(self, s: Session, turn: list[str], last: bool, body: bytes) -> Any:
+        """_end_chunk records a complete BDAT chunk and returns its reply (hook ``BDAT``)."""
+        turn.append("<chunk>")
+        if last:
+            s.messages.append(body)
+        return self._reply(s, "BDAT", "", b"250 2.0.0 OK queued\r\n" if last else b"250 2.0.0 chunk OK\r\n")
 
     def _default(self, s: Session, verb: str, line: str) -> bytes:
         if verb == "EHLO":

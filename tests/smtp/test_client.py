@@ -19,6 +19,7 @@ from maddylite.smtp.client import (
     MAX_LINE_LENGTH,
     AddressConversionError,
     SMTPConnection,
+    canonical_body,
     prepare_body,
     to_ascii_address,
     to_ascii_domain,
@@ -288,9 +289,9 @@ def test_421_marks_the_connection_broken(smtp_server: Any) -> None:
 
 
 def test_round_trips_on_a_reused_pipelining_connection_b95(smtp_server: Any) -> None:
-    """B-95, B-59: on a reused connection a message costs 3 round trips: RSET+MAIL+RCPTs in
-    one write, then DATA alone (only once a RCPT is known to have succeeded), then the
-    content with the final dot."""
+    """B-95, B-59: without CHUNKING a message on a reused connection costs 3 round trips:
+    RSET+MAIL+RCPTs in one write, then DATA alone (only once a RCPT is known to have
+    succeeded), then the content with the final dot."""
     srv = smtp_server()
     conn = open_session(srv.port)
     mail, rcpts = conn.mail_rcpts("a@example.com", None, ["x@example.test", "y@example.test"])
@@ -411,6 +412,133 @@ def test_body_round_trip(smtp_server: Any) -> None:
     conn.data(body)
     conn.quit()
     assert srv.session.messages == [b"line1\r\n.line2\r\n..line3\r\nend\r\n"]
+
+
+# --- CHUNKING (BDAT) ----------------------------------------------------------------------
+
+CHUNKING = ("PIPELINING", "8BITMIME", "CHUNKING", "SIZE 10240000")
+
+
+def test_round_trips_with_chunking_b95(smtp_server: Any) -> None:
+    """B-95, B-59: with CHUNKING a message on a reused pipelining connection costs 2 round
+    trips: the deferred RSET with MAIL+RCPTs, then BDAT with the content in one write, sent
+    only after a RCPT succeeded. DATA is never used."""
+    srv = smtp_server(extensions=CHUNKING)
+    conn = open_session(srv.port)
+    conn.mail_rcpts("a@example.com", None, ["x@example.test"])
+    conn.send_message(MESSAGE)
+    conn.rset_deferred()
+    turns_before = len(srv.session.turns)
+    mail, rcpts = conn.mail_rcpts("b@example.com", None, ["x@example.test", "y@example.test"])
+    assert not isinstance(mail, SMTPError) and not any(isinstance(r, SMTPError) for r in rcpts)
+    reply = conn.send_message(MESSAGE)
+    assert reply.code == 250
+    gevent.sleep(0.05)
+    turns = srv.session.turns[turns_before:]
+    # The parking RSET may arrive in a flight of its own or with MAIL; either way the
+    # client waited for no reply between them.
+    flat = [v for t in turns for v in t]
+    assert flat == ["RSET", "MAIL", "RCPT", "RCPT", "BDAT", "<chunk>"]
+    assert turns[-1] == ["BDAT", "<chunk>"]
+    assert "DATA" not in [c.split(" ")[0] for c in srv.session.commands]
+    conn.quit()
+    assert srv.session.messages == [MESSAGE, MESSAGE]
+
+
+@pytest.mark.parametrize(("raw", "wire"), [
+    (b"a\nb", b"a\r\nb\r\n"),
+    (b".lead\r\n..two\r\n", b".lead\r\n..two\r\n"),
+    (b"smuggle\n.\r\nMAIL FROM:<x>\r\n", b"smuggle\r\n.\r\nMAIL FROM:<x>\r\n"),
+    (b"bare\rcr", b"bare\r\ncr\r\n"),
+    (b"", b""),
+], ids=["lf", "dots-untouched", "no-end-marker", "bare-cr", "empty"])
+def test_bdat_content_is_canonical_not_dot_stuffed(smtp_server: Any, raw: bytes, wire: bytes) -> None:
+    """A BDAT chunk carries the CRLF-normalised message, not dot-stuffed, and the size on the
+    BDAT line is exactly the bytes that follow [RFC 3030 §2]."""
+    assert canonical_body(raw) == wire
+    srv = smtp_server(extensions=CHUNKING)
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    conn.send_message(raw)
+    conn.quit()
+    assert srv.session.messages == [wire]
+    assert f"BDAT {len(wire)} LAST" in srv.session.commands
+
+
+def test_bdat_large_message_in_several_writes(smtp_server: Any) -> None:
+    """A message larger than one write arrives whole, its size announced once."""
+    srv = smtp_server(extensions=CHUNKING)
+    conn = open_session(srv.port)
+    body = b"".join(b"line %06d " % i + b"x" * 60 + b"\r\n" for i in range(5000))
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    conn.send_message(body)
+    conn.quit()
+    assert srv.session.messages == [body]
+    assert [c for c in srv.session.commands if c.startswith("BDAT")] == [f"BDAT {len(body)} LAST"]
+
+
+@pytest.mark.parametrize(("reply", "code", "temporary"), [
+    (b"554 5.6.0 content rejected\r\n", 554, False),
+    (b"452 4.3.1 insufficient storage\r\n", 452, True),
+])
+def test_bdat_rejected_carries_the_servers_codes_b97(smtp_server: Any, reply: bytes, code: int,
+                                                    temporary: bool) -> None:
+    """B-97: the reply to BDAT LAST is the end-of-data reply; only 250 succeeds."""
+    srv = smtp_server(extensions=CHUNKING, replies={"BDAT": reply})
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    with pytest.raises(SMTPError) as e:
+        conn.send_message(MESSAGE)
+    assert e.value.code == code and e.value.temporary is temporary
+    assert e.value.fields["command"] == "BDAT"
+    assert "mx.example.test. said:" in e.value.message
+    conn.quit()
+
+
+def test_bdat_needs_an_accepted_recipient_b40(smtp_server: Any) -> None:
+    """B-40/B-95: no BDAT without an accepted RCPT."""
+    srv = smtp_server(extensions=CHUNKING, rcpt_replies={"x@example.test": b"550 5.1.1 nope\r\n"})
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    with pytest.raises(SMTPError):
+        conn.rcpt("x@example.test")
+    with pytest.raises(ValueError):
+        conn.send_message(MESSAGE)
+    conn.quit()
+    assert not any(c.startswith("BDAT") for c in srv.session.commands)
+
+
+def test_no_reply_to_bdat_b103(smtp_server: Any) -> None:
+    """B-103: the reply to BDAT LAST is bounded by submission_timeout, like the final dot's."""
+    def stall(_s: Any, _line: str) -> bytes:
+        gevent.sleep(3)
+        return b"250 late\r\n"
+
+    srv = smtp_server(extensions=CHUNKING, replies={"BDAT": stall})
+    conn = open_session(srv.port, command_timeout=2, submission_timeout=0.3)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    start = time.monotonic()
+    with pytest.raises(NetworkError):
+        conn.send_message(MESSAGE)
+    assert 0.25 < elapsed_since(start) < 1.5
+    assert conn.broken
+
+
+def test_send_message_uses_data_without_chunking(smtp_server: Any) -> None:
+    """Without CHUNKING the message goes with DATA, dot-stuffed."""
+    srv = smtp_server()
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    conn.send_message(MESSAGE)
+    conn.quit()
+    assert "DATA" in srv.session.commands
+    assert not any(c.startswith("BDAT") for c in srv.session.commands)
+    assert srv.session.messages == [MESSAGE]
 
 
 # --- STARTTLS -----------------------------------------------------------------------------

@@ -297,7 +297,8 @@ class FakeMX:
     """FakeMX answers SMTP like a simple, well-behaved MX unless told otherwise.
 
     ``replies`` maps an upper-case verb (``GREETING``, ``EHLO``, ``STARTTLS``, ``MAIL``,
-    ``RCPT``, ``DATA``, ``DOT`` for the end of data, ``RSET``, ``QUIT``...) to reply bytes
+    ``RCPT``, ``DATA``, ``DOT`` for the end of data, ``BDAT`` for the reply after a
+    chunk (offered when ``extensions`` has CHUNKING), ``RSET``, ``QUIT``...) to reply bytes
     or to a hook ``(session, line)`` returning bytes, None (the default reply) or
     :data:`CLOSE`; a hook may sleep. ``greeting=None`` never greets. ``tls`` is a server
     SSLContext, or ``(session) -> SSLContext | None`` (None: close after the 220 reply, so
@@ -391,6 +392,8 @@ class FakeMX:
         in_data = False
         body = b""
         nread = 0
+        chunk_left: int | None = None  # bytes of a BDAT chunk still to come
+        chunk_last = False
         while True:
             chunk = s.sock.recv(65536)
             if not chunk:
@@ -401,6 +404,26 @@ class FakeMX:
             out: list[bytes] = []
             starttls = False
             while True:
+                if chunk_left is not None:  # [RFC 3030]: the reply follows the whole chunk
+                    take = buf[:chunk_left]
+                    body, buf, chunk_left = body + take, buf[len(take):], chunk_left - len(take)
+                    if chunk_left:
+                        break
+                    chunk_left = None
+                    s.commands.append("<chunk>")
+                    s.times.append(time.monotonic())
+                    s.batches.append(nread)
+                    r = self._reply(s, "BDAT", "", b"250 2.0.0 OK queued\r\n")
+                    if r is CLOSE:
+                        return
+                    if s.tx is not None and chunk_last:
+                        s.tx["data"] = body
+                        s.tx["accepted"] = r.startswith(b"250")
+                        s.tx = None
+                    if chunk_last or not r.startswith(b"250"):
+                        body = b""
+                    out.append(r)
+                    continue
                 if in_data:
                     body += buf
                     buf = b""
@@ -436,6 +459,10 @@ class FakeMX:
                 s.times.append(time.monotonic())
                 s.batches.append(nread)
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
+                if verb == "BDAT" and "CHUNKING" in self.extensions:
+                    size, _, last = line[5:].partition(" ")
+                    chunk_left, chunk_last = int(size), last.strip().upper() == "LAST"
+                    continue
                 reply = self._reply(s, verb, line, self._default(s, verb, line))
                 if reply is CLOSE:
                     if out:

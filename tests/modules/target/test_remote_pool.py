@@ -67,15 +67,20 @@ def test_idle_connection_closed_by_server_B_60(std_world, rh, exts):
 
 @pytest.mark.parametrize("exts", [("PIPELINING",), ()], ids=["pipelining", "serial"])
 def test_rset_421_when_taken_B_60(std_world, rh, exts):
-    """B-60: the RSET before reuse is answered 421 → new connection, delivery succeeds."""
+    """B-60: the RSET before reuse (sent when the connection was parked, its reply read
+    when it is taken) is answered 421 → new connection, delivery succeeds. Without
+    PIPELINING the RSET reply is read before MAIL is sent, never pipelined with it."""
     srv = std_world.servers[0]
     srv.extensions = exts
-    srv.replies["RSET"] = lambda s, _l: b"421 4.3.0 Bye\r\n" if s.verbs.count("RSET") > 1 else None
+    srv.replies["RSET"] = lambda s, _l: b"421 4.3.0 Bye\r\n" if s.verbs.count("RSET") == 1 else None
     t = std_world.target()
     rh.deliver(t, ["a@example.test"])
     _, res = rh.deliver(t, ["b@example.test"])
     assert res == {"b@example.test": None}
     assert len(srv.sessions) == 2 and len(srv.sessions[1].delivered) == 1
+    assert srv.sessions[0].verbs.count("RSET") == 1
+    if not exts:  # without PIPELINING nothing follows the 421'd RSET on that connection
+        assert srv.sessions[0].verbs[srv.sessions[0].verbs.index("RSET"):] in (["RSET"], ["RSET", "QUIT"])
 
 
 def test_rset_fails_before_parking_B_60(std_world, rh):
@@ -95,11 +100,34 @@ def test_rset_fails_before_parking_B_60(std_world, rh):
     assert len(srv.messages) == 2
 
 
-@pytest.mark.parametrize("failure", ["rejected", "dot_rejected", "network", "timeout"])
-def test_no_reuse_after_data_failure_B_62(std_world, rh, failure):
-    """B-62: after any DATA failure the connection is closed, never reused."""
+def test_reused_connection_with_chunking_costs_two_turns_B_59(std_world, rh):
+    """B-59, B-95: an MX offering PIPELINING and CHUNKING gets, for a message on a reused
+    connection, the parking RSET with MAIL+RCPT, then BDAT and the content in one write;
+    no DATA, and no second RSET."""
     srv = std_world.servers[0]
-    if failure == "rejected":
+    srv.extensions = ("PIPELINING", "8BITMIME", "CHUNKING")
+    t = std_world.target("conn_reuse_limit 5")
+    rh.deliver(t, ["a@example.test"])
+    rh.deliver(t, ["b@example.test", "c@example.test"])
+    s = srv.session
+    assert len(srv.sessions) == 1 and "DATA" not in s.verbs
+    assert [m["rcpts"] for m in s.delivered] == [["a@example.test"], ["b@example.test", "c@example.test"]]
+    assert s.delivered[1]["data"].endswith(b"\r\n") and b"Subject" in s.delivered[1]["data"]
+    after_first = s.verbs[s.verbs.index("<CHUNK>") + 1:]
+    assert after_first == ["RSET", "MAIL", "RCPT", "RCPT", "BDAT", "<CHUNK>"]
+    assert s.turns[-1] == ["BDAT", "<CHUNK>"]
+
+
+@pytest.mark.parametrize("failure", ["rejected", "dot_rejected", "network", "timeout",
+                                     "bdat_rejected", "bdat_network", "bdat_timeout"])
+def test_no_reuse_after_data_failure_B_62(std_world, rh, failure):
+    """B-62: after any DATA (or BDAT) failure the connection is closed, never reused."""
+    srv = std_world.servers[0]
+    if failure.startswith("bdat"):
+        srv.extensions = ("PIPELINING", "CHUNKING")
+        srv.replies["BDAT"] = {"bdat_rejected": b"554 5.6.0 No\r\n", "bdat_network": rh.CLOSE,
+                               "bdat_timeout": lambda _s, _l: gevent.sleep(1)}[failure]
+    elif failure == "rejected":
         srv.replies["DATA"] = b"550 5.7.1 No\r\n"
     elif failure == "dot_rejected":
         srv.replies["DOT"] = b"550 5.7.1 No\r\n"
