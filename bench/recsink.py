@@ -1,4 +1,4 @@
-"""A recording SMTP sink that counts round trips: python -m bench.recsink ADDR PORT OUT.json
+"""A recording SMTP sink that counts round trips: python -m bench.recsink ADDR PORT OUT.json [chunking]
 
 A round trip (a "turn") is one flight of client data that the server answers: the sink
 reads whatever the client sends, keeps reading while more arrives within SETTLE seconds
@@ -7,9 +7,11 @@ complete command in one write and waits for the client again. A client that wait
 each reply costs one turn per command; a client that pipelines RSET, MAIL and RCPT costs
 one turn for the three.
 
-It offers PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES, no STARTTLS, accepts
-everything and discards it. On SIGTERM it writes, per connection, the list of turns (the
-command verbs of each turn, ``.`` for the end of a message's data) to OUT.json and exits.
+It offers PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES (and CHUNKING, as Postfix's
+smtpd does, when the fourth argument is ``chunking``), no STARTTLS, accepts everything and
+discards it. On SIGTERM it writes, per connection, the list of turns (the command verbs of
+each turn, ``.`` for the end of a message's data or of its last BDAT chunk) to OUT.json
+and exits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import threading
 SETTLE = 0.005
 EHLO = (b"250-recsink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 52428800\r\n"
         b"250 ENHANCEDSTATUSCODES\r\n")
+EHLO_CHUNKING = EHLO.replace(b"250 ENHANCED", b"250-CHUNKING\r\n250 ENHANCED")
+ehlo_reply = EHLO
 
 sessions: list[list[list[str]]] = []
 lock = threading.Lock()
@@ -39,6 +43,7 @@ class Handler(socketserver.BaseRequestHandler):
         sock.sendall(b"220 recsink.bench.test ESMTP\r\n")
         buf = b""
         in_data = False
+        chunk_left, chunk_last = 0, False
         while True:
             sock.settimeout(300)
             try:
@@ -63,6 +68,14 @@ class Handler(socketserver.BaseRequestHandler):
             verbs: list[str] = []
             quit_seen = False
             while True:
+                if chunk_left:
+                    take = min(chunk_left, len(buf))
+                    buf, chunk_left = buf[take:], chunk_left - take
+                    if chunk_left:
+                        break
+                    verbs.append("." if chunk_last else "<chunk>")
+                    replies.append(b"250 2.0.0 Ok: queued\r\n")
+                    continue
                 if in_data:
                     end = buf.find(b"\r\n.\r\n")
                     if end < 0:
@@ -79,7 +92,13 @@ class Handler(socketserver.BaseRequestHandler):
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
                 verbs.append(verb)
                 if verb in ("EHLO",):
-                    replies.append(EHLO)
+                    replies.append(ehlo_reply)
+                elif verb == "BDAT" and ehlo_reply is EHLO_CHUNKING:
+                    size, _, last = line[5:].decode("ascii", "replace").partition(" ")
+                    chunk_left, chunk_last = int(size), last.strip().upper() == "LAST"
+                    if not chunk_left:
+                        verbs.append("." if chunk_last else "<chunk>")
+                        replies.append(b"250 2.0.0 Ok\r\n")
                 elif verb == "DATA":
                     replies.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     in_data = True
@@ -107,7 +126,9 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
 
 
-def main(addr: str, port: int, out: str) -> None:
+def main(addr: str, port: int, out: str, chunking: bool = False) -> None:
+    global ehlo_reply
+    ehlo_reply = EHLO_CHUNKING if chunking else EHLO
     srv = Server((addr, port), Handler)
 
     def dump(*_: object) -> None:
@@ -141,4 +162,4 @@ def example(sessions_: list[list[list[str]]]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:5] == ["chunking"])

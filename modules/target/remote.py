@@ -2,8 +2,8 @@
 
 Registered name: ``target.remote``. Roles: DeliveryTarget. Reference:
 target-remote.md; behaviour: behaviour.md sections B and C. RFCs: 5321 (MX choice,
-§5.1), 3207 (STARTTLS), 2920 (PIPELINING), 8689 (REQUIRETLS), 7505 (null MX),
-6531/6152/1870 (SMTPUTF8, 8BITMIME, SIZE).
+§5.1), 3207 (STARTTLS), 2920 (PIPELINING), 3030 (CHUNKING), 8689 (REQUIRETLS),
+7505 (null MX), 6531/6152/1870 (SMTPUTF8, 8BITMIME, SIZE).
 
 One delivery may carry recipients in many domains. Each domain gets its own
 connection, opened when its first recipient is added (B-29): MX lookup, then for each
@@ -11,7 +11,7 @@ MX in preference order the mx_auth MX checks, TCP, greeting, EHLO, the STARTTLS 
 "verified → unverified (new connection) → plaintext" (B-47..B-49), the mx_auth
 connection checks, local_policy and the REQUIRETLS conditions. The first MX that passes
 gets MAIL; after that its errors are final for the domain (B-19). The bodies go out in
-parallel greenlets (B-29). Idle connections are pooled per recipient domain and per
+parallel greenlets (B-29), as one BDAT chunk when the MX offers CHUNKING, else with DATA. Idle connections are pooled per recipient domain and per
 security settings (B-59..B-70).
 """
 
