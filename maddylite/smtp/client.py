@@ -24,7 +24,7 @@ the RCPT replies: behaviour.md B-95 forbids sending DATA before one RCPT is know
 succeeded (and B-40 forbids DATA on a connection without accepted recipients). When the
 server offers CHUNKING [RFC 3030], :meth:`SMTPConnection.send_message` sends the content as
 one ``BDAT <size> LAST`` chunk in the same write as its command, so a message on a reused
-pipelining connection costs two round trips: ``RSET+MAIL+RCPT...`` and ``BDAT``+content.
+pipelining connection costs two round trips: ``[RSET] RSET+MAIL+RCPT...`` and ``BDAT``+content.
 Without CHUNKING it costs three: the envelope, ``DATA`` (the content may only follow the
 354 reply), then the content with the final dot.
 """

@@ -259,9 +259,10 @@ class _DomainConn:
     rcpts: list[str] = field(default_factory=list)
     dest_slot: bool = False
     reused: bool = False
-    #: A pooled connection not yet used by this delivery: its parking RSET (B-60) is
-    #: answered with the MAIL batch, and when that fails a fresh connection is opened.
-    untried_pooled: bool = False
+    #: A pooled connection still owes the RSET that is pipelined before its MAIL (B-60:
+    #: one RSET when parked, another when taken); when either fails a fresh connection is
+    #: opened.
+    pending_rset: bool = False
     mail_sent: bool = False
 
 
@@ -373,13 +374,13 @@ class RemoteDelivery:
                 except SMTPError as e:
                     out[r] = e
             try:
-                mail_res, rcpt_res = conn.mail_rcpts(sender, params, [w for _, w in wires])
+                mail_res, rcpt_res = conn.mail_rcpts(sender, params, [w for _, w in wires], rset_first=dc.pending_rset)
             except SMTPError as e:
                 conn.close()
                 dc.conn = None
-                if dc.untried_pooled and attempt == 0:
+                if dc.pending_rset and attempt == 0:
                     self.log.debug("pooled connection is dead, opening another", domain=dc.domain, reason=str(e))
-                    dc.untried_pooled = False
+                    dc.pending_rset = False
                     try:
                         self._open(dc, use_pool=False)
                     except SMTPError as e2:
@@ -389,7 +390,7 @@ class RemoteDelivery:
                 self._release_dest(dc)
                 dc.error = e
                 return {r: e for r in rcpts}
-            dc.untried_pooled = False
+            dc.pending_rset = False
             if isinstance(mail_res, SMTPError):
                 self.log.error("MAIL failed", mail_res, domain=dc.domain, remote_server=conn.remote_server)
                 conn.quit()
@@ -436,7 +437,7 @@ class RemoteDelivery:
                 self.log.info("reusing cached connection", domain=dc.domain, transactions_counter=idle.conn.transactions,
                               local_addr=f"{idle.conn.local_address[0]}:{idle.conn.local_address[1]}",
                               remote_addr=f"{idle.conn.remote_address[0]}:{idle.conn.remote_address[1]}")
-                dc.conn, dc.cand, dc.reused, dc.untried_pooled = idle.conn, cand, True, True
+                dc.conn, dc.cand, dc.reused, dc.pending_rset = idle.conn, cand, True, True
                 self._take_dest(dc)
                 return
         self._connect_domain(dc)

@@ -420,16 +420,16 @@ CHUNKING = ("PIPELINING", "8BITMIME", "CHUNKING", "SIZE 10240000")
 
 
 def test_round_trips_with_chunking_b95(smtp_server: Any) -> None:
-    """B-95, B-59: with CHUNKING a message on a reused pipelining connection costs 2 round
-    trips: the deferred RSET with MAIL+RCPTs, then BDAT with the content in one write, sent
-    only after a RCPT succeeded. DATA is never used."""
+    """B-95, B-59, B-60: with CHUNKING a message on a reused pipelining connection costs 2
+    round trips: the parking RSET (deferred), RSET+MAIL+RCPTs, then BDAT with the content
+    in one write, sent only after a RCPT succeeded. DATA is never used."""
     srv = smtp_server(extensions=CHUNKING)
     conn = open_session(srv.port)
     conn.mail_rcpts("a@example.com", None, ["x@example.test"])
     conn.send_message(MESSAGE)
     conn.rset_deferred()
     turns_before = len(srv.session.turns)
-    mail, rcpts = conn.mail_rcpts("b@example.com", None, ["x@example.test", "y@example.test"])
+    mail, rcpts = conn.mail_rcpts("b@example.com", None, ["x@example.test", "y@example.test"], rset_first=True)
     assert not isinstance(mail, SMTPError) and not any(isinstance(r, SMTPError) for r in rcpts)
     reply = conn.send_message(MESSAGE)
     assert reply.code == 250
@@ -438,7 +438,7 @@ def test_round_trips_with_chunking_b95(smtp_server: Any) -> None:
     # The parking RSET may arrive in a flight of its own or with MAIL; either way the
     # client waited for no reply between them.
     flat = [v for t in turns for v in t]
-    assert flat == ["RSET", "MAIL", "RCPT", "RCPT", "BDAT", "<chunk>"]
+    assert flat == ["RSET", "RSET", "MAIL", "RCPT", "RCPT", "BDAT", "<chunk>"]
     assert turns[-1] == ["BDAT", "<chunk>"]
     assert "DATA" not in [c.split(" ")[0] for c in srv.session.commands]
     conn.quit()
