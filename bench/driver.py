@@ -11,7 +11,8 @@ used round robin), ``count`` (messages), ``parallel`` (deliveries running at onc
 phase to this path) and ``memory`` (trace allocations with tracemalloc and report the
 top sites).
 
-Prints one JSON line: elapsed seconds, delivered/failed counts, a sample of errors, the
+Prints one JSON line: elapsed seconds, the CPU seconds (user, system) the deliveries
+took, delivered/failed counts, a sample of errors, the
 resident set size when idle (modules started, messages loaded) and its peak during the
 deliveries (VmHWM after resetting it through /proc/self/clear_refs).
 """
@@ -24,6 +25,7 @@ import cProfile  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import pstats  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -122,6 +124,7 @@ def main(spec_path: str) -> int:
 
     watcher = gevent.spawn(watch_memory) if spec.get("memory") else None
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     if prof:
         prof.enable()
     if spec.get("all_at_once"):
@@ -143,9 +146,12 @@ def main(spec_path: str) -> int:
     if prof:
         prof.disable()
     elapsed = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     peak_kb = _status_kb("VmHWM") if peak_reset else 0
     out = {
         "elapsed": elapsed,
+        "cpu_user": ru1.ru_utime - ru0.ru_utime,
+        "cpu_sys": ru1.ru_stime - ru0.ru_stime,
         "delivered": delivered,
         "failed": len(errors),
         "errors": sorted(set(errors))[:5],

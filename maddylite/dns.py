@@ -396,19 +396,42 @@ class Resolver:
             except DNSError as e:
                 return e
 
-        if len(types) == 1:
-            return [one(types[0])]
-        greenlets = []
+        # Only questions that must go on the wire get a greenlet of their own: answers in
+        # the cache, and questions another caller already asked, are taken in this greenlet
+        # (waiting for one in-flight answer while another is in flight costs no time), and
+        # the last new question runs here too. A greenlet costs memory for as long as it
+        # waits, and many deliveries to one domain ask the same questions at once.
+        out: list[QueryResult | DNSError | None] = [self._peek(host, t) for t in types]
+        todo = [i for i, r in enumerate(out) if r is None]
+        new = [i for i in todo if not self._asked(host, types[i])]
+        greenlets: dict[int, gevent.Greenlet] = {}
         try:
-            for rdtype in types:
-                g = gevent.Greenlet(one, rdtype)
-                g.name = f"dns {rdtype} {host}"
+            for i in new[:-1]:
+                g = gevent.Greenlet(one, types[i])
+                g.name = f"dns {types[i]} {host}"
                 g.start()
-                greenlets.append(g)
-            gevent.joinall(greenlets, raise_error=True)
-            return [g.value for g in greenlets]
+                greenlets[i] = g
+            for i in todo:
+                if i not in greenlets:
+                    out[i] = one(types[i])
+            gevent.joinall(list(greenlets.values()), raise_error=True)
+            for i, g in greenlets.items():
+                out[i] = g.value
         finally:
-            gevent.killall([g for g in greenlets if not g.dead], block=True)
+            gevent.killall([g for g in greenlets.values() if not g.dead], block=True)
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]
+
+    def _peek(self, name: str, rdtype: str) -> QueryResult | None:
+        """_peek returns a cached, unexpired answer without asking anyone, else None."""
+        if self.cache_max_ttl <= 0:
+            return None
+        hit = self._cache.get((name.lower().rstrip("."), rdtype))
+        return hit[1] if hit is not None and hit[0] > self._clock() else None
+
+    def _asked(self, name: str, rdtype: str) -> bool:
+        """_asked tells whether the same question is on the wire for another caller."""
+        return self.cache_max_ttl > 0 and (name.lower().rstrip("."), rdtype) in self._inflight
 
     def _lookup(self, name: str, rdtype: str, lifetime: float | None = None) -> QueryResult:
         """_lookup answers from the cache when enabled, sharing one query among concurrent callers."""

@@ -647,3 +647,31 @@ def test_cache_answers_for_the_ttl_and_shares_concurrent_queries(world: FakeDNS)
     results = [g.get() for g in [gevent.spawn(shared.lookup_addrs, "mx.example.test") for _ in range(20)]]
     assert all(res.addresses == results[0].addresses for res in results)
     assert len(world.queries) - before == 2  # one A and one AAAA query for 20 callers
+
+
+def test_address_lookups_spawn_greenlets_only_for_new_questions(world: FakeDNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lookup_addrs asks A and AAAA in parallel, but answers from the cache and questions
+    another caller already asked take no greenlet of their own: many deliveries to one
+    domain at once cost memory for the distinct questions only."""
+    import gevent
+
+    import maddylite.dns as mdns
+
+    started: list[str] = []
+
+    class Counting(gevent.Greenlet):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(mdns.gevent, "Greenlet", Counting)
+    r = resolver_for(world, cache_max_ttl=300)
+    callers = [gevent.spawn(r.lookup_addrs, "mx.example.test") for _ in range(20)]
+    gevent.joinall(callers, raise_error=True)
+    assert len(started) == 1  # the first caller: AAAA beside it; A in its own greenlet
+    assert all(g.value.addresses == callers[0].value.addresses for g in callers)
+    r.lookup_addrs("mx.example.test")  # cached now: no greenlet at all
+    assert len(started) == 1
+    uncached = resolver_for(world)
+    uncached.lookup_addrs("mx.example.test")
+    assert len(started) == 2  # without a cache, one greenlet per lookup as before

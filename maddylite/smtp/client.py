@@ -958,10 +958,10 @@ def _dial(
 
     deadline = time.monotonic() + timeout
     results: gevent.queue.Queue = gevent.queue.Queue()
-    group = gevent.pool.Group()
     winner: Any = None
 
-    def attempt(family: int, ip: str) -> None:
+    def connect(family: int, ip: str) -> tuple[bool, Any]:
+        """One attempt: (True, socket) or (False, reason)."""
         sock = gevent.socket.socket(family, _stdlib_socket.SOCK_STREAM)
         try:
             if local is not None:
@@ -971,16 +971,27 @@ def _dial(
             sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
         except TimeoutError:
             sock.close()
-            results.put((False, f"connect {ip} port {port}: timeout"))
-            return
+            return False, f"connect {ip} port {port}: timeout"
         except OSError as e:
             sock.close()
-            results.put((False, f"connect {ip} port {port}: {e.strerror or e}"))
-            return
+            return False, f"connect {ip} port {port}: {e.strerror or e}"
         except BaseException:
             sock.close()  # killed because another attempt won
             raise
-        results.put((True, sock))
+        return True, sock
+
+    if len(candidates) == 1:
+        # One address: no race to run, so no greenlet (it would cost memory per connection).
+        ok, value = connect(*candidates[0])
+        if ok:
+            return value
+        raise NetworkError("connect timeout" if value.endswith(": timeout") else value,
+                           remote_server=remote_server)
+
+    def attempt(family: int, ip: str) -> None:
+        results.put(connect(family, ip))
+
+    group = gevent.pool.Group()
 
     last_reason = "connect: no attempt made"
     next_idx = 0

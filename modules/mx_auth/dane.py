@@ -55,6 +55,7 @@ from cryptography.x509.oid import NameOID
 
 from maddylite.config.directives import Bool, Directive, Settings
 from maddylite.dns import DNSError, TLSARecord
+from maddylite.flights import SharedFlights
 from maddylite.interfaces import MXAuthPolicy
 from maddylite.log import Logger
 from maddylite.policy import DeliveryPolicy, MXCandidate, PolicyModule, TLSLevel
@@ -98,6 +99,8 @@ class DANE(PolicyModule, ModuleBase):
 
     #: Greenlets running TLSA discovery; created by start(), so configure stays pure.
     _group: gevent.pool.Group | None = None
+    #: Running discoveries by (MX host, resolver), shared by concurrent deliveries.
+    _flights: SharedFlights
     #: Replaced by configure() with one that honours ``debug``.
     log = Logger("mx_auth/dane")
     #: Whether the C-92 message was logged already.
@@ -112,6 +115,7 @@ class DANE(PolicyModule, ModuleBase):
         """start creates the group that owns the discovery greenlets."""
         if self._group is None:
             self._group = gevent.pool.Group()
+            self._flights = SharedFlights()
 
     def stop(self, timeout: float) -> None:
         """stop waits up to *timeout* for running discoveries, then kills them."""
@@ -125,11 +129,17 @@ class DANE(PolicyModule, ModuleBase):
         """start_delivery returns the per-delivery TLSA discovery and check."""
         return _Delivery(self)
 
-    def spawn(self, func: Callable[..., Any], *args: Any) -> gevent.Greenlet | None:
-        """spawn runs *func* in a greenlet of this module's group; None when not started."""
+    def spawn(self, key: Any, name: str, func: Callable[..., Any], *args: Any) -> gevent.Greenlet | None:
+        """spawn runs *func* in a greenlet of this module's group, shared by every caller
+        that asks with the same *key* while it runs; None when not started."""
         if self._group is None:
             return None
-        return self._group.spawn(func, *args)
+        return self._flights.spawn(self._group, key, name, func, *args)
+
+    def release(self, key: Any, g: gevent.Greenlet) -> None:
+        """release hands back a greenlet from :meth:`spawn`; unused, it is killed."""
+        if self._group is not None:
+            self._flights.release(key, g)
 
     def usable_resolver(self, resolver: Any) -> bool:
         """usable_resolver tells whether *resolver* reports DNSSEC; logs C-92 once if not."""
@@ -147,24 +157,29 @@ class _Delivery(DeliveryPolicy):
     def __init__(self, mod: DANE) -> None:
         self.mod = mod
         self.pending: dict[int, tuple[MXCandidate, gevent.Greenlet | Discovery]] = {}
+        self.keys: dict[int, Any] = {}  # the shared-discovery key of each pending greenlet
 
     def prepare_conn(self, cand: MXCandidate) -> None:
         if not self.mod.usable_resolver(cand.resolver):
             return
         self._forget(cand)
-        g = self.mod.spawn(self._discover, cand.resolver, cand.host)
+        key = (_norm(cand.host), id(cand.resolver))
+        g = self.mod.spawn(key, f"dane {cand.host}", self._discover, cand.resolver, cand.host)
         if g is None:
             # Not started (a stopped or never started module): look up in place.
             self.pending[id(cand)] = (cand, self._discover(cand.resolver, cand.host))
             return
-        g.name = f"dane {cand.host}"
         self.pending[id(cand)] = (cand, g)
+        self.keys[id(cand)] = key
 
     def check_conn(self, cand: MXCandidate) -> TLSLevel:
         entry = self.pending.pop(id(cand), None)
         if entry is None or entry[0] is not cand:
             return cand.tls_level
         result = entry[1] if isinstance(entry[1], Discovery) else entry[1].get()
+        key = self.keys.pop(id(cand), None)
+        if isinstance(entry[1], gevent.Greenlet):
+            self.mod.release(key, entry[1])
         if not isinstance(result, Discovery):  # killed while stopping
             result = Discovery(error=DNSError("network", "dane: TLSA discovery aborted"))
         self.mod.log.debug("TLSA discovery", remote_server=cand.host, domain=cand.domain,
@@ -182,9 +197,12 @@ class _Delivery(DeliveryPolicy):
             self._forget(cand)
 
     def _forget(self, cand: MXCandidate) -> None:
+        # A running discovery may serve other deliveries: it is released, and killed only
+        # when nobody else waits for it.
         entry = self.pending.pop(id(cand), None)
+        key = self.keys.pop(id(cand), None)
         if entry is not None and isinstance(entry[1], gevent.Greenlet):
-            entry[1].kill(block=False)
+            self.mod.release(key, entry[1])
 
     def _discover(self, resolver: Any, host: str) -> Discovery:
         try:

@@ -64,6 +64,7 @@ import gevent.ssl
 from maddylite import dns
 from maddylite.config.directives import Directive, Enum, Settings, String
 from maddylite.config.errors import ConfigError
+from maddylite.flights import SharedFlights
 from maddylite.interfaces import MXAuthPolicy
 from maddylite.log import Logger
 from maddylite.policy import DeliveryPolicy, MXCandidate, MXLevel, PolicyModule, TLSLevel
@@ -561,6 +562,7 @@ class MTASTS(PolicyModule, ModuleBase):
         else:
             self.store = RAMStore()
         self._greenlets = gevent.pool.Group()
+        self._flights = SharedFlights()
         self._refresher: gevent.Greenlet | None = None
         self._locks: dict[str, list[Any]] = {}
         self._last_resolver: Any = None
@@ -648,12 +650,24 @@ class MTASTS(PolicyModule, ModuleBase):
     # -- discovery --------------------------------------------------------------------------
 
     def spawn_discovery(self, domain: str, resolver: Any) -> gevent.Greenlet:
-        """spawn_discovery starts the TXT lookup (and fetch) of *domain* in a module greenlet."""
+        """spawn_discovery starts the TXT lookup (and fetch) of *domain* in a module greenlet.
+
+        Concurrent deliveries to one domain share the running discovery (see
+        :mod:`maddylite.flights`); the caller reads it, never kills it, and hands it back
+        with :meth:`release_discovery`.
+        """
         if resolver is not None:
             self._last_resolver = resolver
-        g = self._greenlets.spawn(self._discover_safe, domain, resolver)
-        g.name = f"mtasts discovery {domain}"
-        return g
+        return self._flights.spawn(self._greenlets, self._flight_key(domain, resolver),
+                                   f"mtasts discovery {domain}", self._discover_safe, domain, resolver)
+
+    def release_discovery(self, domain: str, resolver: Any, g: gevent.Greenlet) -> None:
+        """release_discovery hands back a greenlet from :meth:`spawn_discovery`; unused, it is killed."""
+        self._flights.release(self._flight_key(domain, resolver), g)
+
+    @staticmethod
+    def _flight_key(domain: str, resolver: Any) -> tuple[str, int]:
+        return (policy_domain(domain) or domain.lower(), id(resolver))
 
     def _discover_safe(self, domain: str, resolver: Any) -> Policy | None:
         try:
@@ -793,7 +807,8 @@ class _Delivery(DeliveryPolicy):
 
     def __init__(self, mod: MTASTS) -> None:
         self.mod = mod
-        self._pending: dict[str, gevent.Greenlet] = {}
+        #: domain key → (domain, resolver, the shared discovery greenlet)
+        self._pending: dict[str, tuple[str, Any, gevent.Greenlet]] = {}
         self._policies: dict[str, Policy | None] = {}
 
     @staticmethod
@@ -803,20 +818,25 @@ class _Delivery(DeliveryPolicy):
     def prepare_domain(self, domain: str, resolver: Any) -> None:
         """prepare_domain starts discovery, in parallel with the MX lookup (C-14)."""
         key = self._key(domain)
-        old = self._pending.pop(key, None)
-        if old is not None and not old.dead:
-            old.kill(block=False)
+        self._release(key)
         self._policies.pop(key, None)
-        self._pending[key] = self.mod.spawn_discovery(domain, resolver)
+        self._pending[key] = (domain, resolver, self.mod.spawn_discovery(domain, resolver))
+
+    def _release(self, key: str) -> None:
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self.mod.release_discovery(*entry)
 
     def _policy(self, cand: MXCandidate) -> Policy | None:
         key = self._key(cand.domain)
         if key in self._policies:
             return self._policies[key]
-        g = self._pending.pop(key, None)
+        entry = self._pending.get(key)
+        g = entry[2] if entry is not None else None
         policy: Policy | None = None
         if g is not None:
             g.join()
+            self._release(key)
         if g is not None and g.exception is None and not isinstance(g.value, BaseException):
             policy = g.value
         else:  # not prepared, or killed by stop(): decide here rather than go without
@@ -851,11 +871,9 @@ class _Delivery(DeliveryPolicy):
         return cand.tls_level
 
     def close(self) -> None:
-        """close stops discoveries nobody waited for."""
-        for g in self._pending.values():
-            if not g.dead:
-                g.kill(block=False)
-        self._pending.clear()
+        """close stops discoveries nobody waited for (unless other deliveries share them)."""
+        for key in list(self._pending):
+            self._release(key)
 
 
 def _pkix_valid(cand: MXCandidate) -> bool:

@@ -1033,3 +1033,28 @@ def test_utf8_addresses_are_sent_unchanged_b85(smtp_server: Any) -> None:
     conn.quit()
     assert srv.session.commands[1:3] == ["MAIL FROM:<тест@example.org> SMTPUTF8",
                                          "RCPT TO:<test@тест.org>"]
+
+
+def test_single_address_connects_without_a_greenlet_b111(smtp_server: Any, free_port: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """B-111: with one address there is no race to run, so the connection is made in the
+    caller's greenlet (a greenlet per connection costs memory with many in flight); the
+    errors are the same as with several addresses."""
+    import maddylite.smtp.client as mclient
+
+    started: list[str] = []
+
+    class Counting(gevent.Greenlet):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(mclient.gevent, "Greenlet", Counting)
+    srv = smtp_server()
+    conn = open_session(srv.port)
+    conn.quit()
+    assert started == []
+    with pytest.raises(NetworkError) as e:
+        SMTPConnection.connect(["127.0.0.1"], free_port, timeout=2.0, remote_server=MX)
+    assert e.value.fields["reason"] == f"connect 127.0.0.1 port {free_port}: Connection refused"
+    assert e.value.temporary and started == []

@@ -747,6 +747,40 @@ def test_close_kills_pending_discovery(dane_module):
     assert d.check_conn(cand) == TLSLevel.ENCRYPTED
 
 
+def test_concurrent_deliveries_share_one_discovery_C_67(dane_module):
+    """C-67 with many deliveries at once: deliveries to one MX that overlap share one
+    running TLSA discovery (one lookup); one delivery's close() leaves it to the others,
+    the last close() ends it."""
+    mod = dane_module()
+    r = FakeResolver(_addrs(), {f"_25._tcp.{MX}": _tlsa(f"_25._tcp.{MX}")}, delay=0.2)
+    ds = [mod.start_delivery(None) for _ in range(10)]
+    cands = [_cand(r, TLSLevel.ENCRYPTED) for _ in ds]
+    for d, c in zip(ds, cands, strict=True):
+        d.prepare_conn(c)
+    gevent.sleep(0)
+    greenlets = {id(entry[1]) for d in ds for entry in d.pending.values()}
+    assert len(greenlets) == 1 and len(mod._group) == 1
+    ds[0].close()
+    gevent.sleep(0)
+    assert len(mod._group) == 1
+    for d, c in zip(ds[1:5], cands[1:5], strict=True):
+        assert d.check_conn(c) == TLSLevel.ENCRYPTED
+    assert r.calls.count(("addrs", MX)) == 1
+    # a new discovery for the rest: the last of them to let go ends it
+    r.delay = 5
+    later = [mod.start_delivery(None) for _ in range(2)]
+    for d in later:
+        d.prepare_conn(_cand(r, TLSLevel.ENCRYPTED))
+    gevent.sleep(0)
+    (g,) = list(mod._group)
+    later[0].close()
+    gevent.sleep(0)
+    assert not g.dead
+    later[1].close()
+    gevent.sleep(0)
+    assert g.dead
+
+
 def test_stop_kills_discoveries_and_check_conn_fails_safe(dane_module):
     """stop() kills running discoveries; a killed lookup is a temporary DNS error (C-77)."""
     mod = dane_module()

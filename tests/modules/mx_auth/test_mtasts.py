@@ -1094,3 +1094,23 @@ def test_module_role_and_docs() -> None:
     cls = lookup("mx_auth.mtasts")
     assert cls is mtasts.MTASTS and MXAuthPolicy in cls.roles
     assert {d.name for d in cls.directives} == {"cache", "fs_dir"}
+
+
+def test_concurrent_deliveries_share_one_discovery_C_14(make_mod: Any, resolver: FakeResolver) -> None:
+    """C-14 with many deliveries at once: deliveries to one domain that overlap share one
+    running discovery (one TXT lookup), each gets the policy, and one delivery's close()
+    does not end the discovery another still waits for."""
+    mod = make_mod()
+    resolver.delay = 0.2
+    ds = [mod.start_delivery(None) for _ in range(20)]
+    for d in ds:
+        d.prepare_domain(DOMAIN, resolver)
+    gevent.sleep(0)
+    assert len(mod._greenlets) == 1
+    ds[0].close()
+    gevent.sleep(0)
+    assert len(mod._greenlets) == 1
+    resolver.delay = 0
+    for d in ds[1:]:
+        assert d.check_mx(cand("mx2.example.test.", resolver=resolver)) == MXLevel.MTASTS
+    assert resolver.txt_queries == ["_mta-sts.example.test"]
