@@ -556,61 +556,93 @@ class SMTPConnection:
             final.append(res)
         return mail_result, final
 
-    def data(self, message: bytes) -> Reply:
+    def data(self, *parts: bytes, rset_after: bool = False) -> Reply:
         """SMTPConnection.data sends DATA, the message and the final dot; 250 succeeds.
 
-        The message is CRLF-normalised and dot-stuffed by :func:`prepare_body`. The 354
+        The message is the concatenation of *parts* (a header and a body need not be joined
+        by the caller), CRLF-normalised and dot-stuffed by :func:`prepare_body`. The 354
         reply is bounded by the command timeout, each body write too (B-104), and the final
-        reply by the submission timeout (B-103). Must only be called after at least one
-        RCPT succeeded in this transaction (B-40, B-95); otherwise ValueError.
+        reply by the submission timeout (B-103). The wire copy of the message is dropped
+        before that wait, so a delivery waiting for its reply holds no copy of its own.
+        Must only be called after at least one RCPT succeeded in this transaction (B-40,
+        B-95); otherwise ValueError.
         """
         if self._accepted_rcpts <= 0:
             raise ValueError("data() called without an accepted recipient")
         reply = self._exchange(b"DATA\r\n", "DATA")
         self._expect(reply, (codes.START_MAIL_INPUT,), "DATA")
-        payload = memoryview(prepare_body(message))
-        for start in range(0, len(payload), BODY_CHUNK):
-            self._send(payload[start : start + BODY_CHUNK], self.command_timeout, "body")
+        rset_sent = self._send_payload(b"", prepare_body(b"".join(parts)), "body", self._rset_tail(rset_after))
         reply = self._read_reply(self.submission_timeout, "end of data")
+        if rset_sent:
+            self._owed.append("RSET")
         self._accepted_rcpts = 0
         self._expect(reply, (codes.OK,), "end of data")
         return reply
 
-    def bdat(self, message: bytes) -> Reply:
+    def bdat(self, *parts: bytes, rset_after: bool = False) -> Reply:
         """SMTPConnection.bdat sends the message as one ``BDAT <size> LAST`` chunk; 250 succeeds.
 
-        The server must have offered CHUNKING [RFC 3030]. The content is the message with
-        CRLF line ends (:func:`canonical_body`), neither dot-stuffed nor ended by a dot; the
-        command and the content go out in one write when the content fits in one
-        :data:`BODY_CHUNK`. Each write is bounded by the command timeout (B-104) and the one
-        reply by the submission timeout (B-103), as the final reply of DATA is. Like
-        :meth:`data`, it needs an accepted recipient (B-40, B-95); otherwise ValueError.
+        The server must have offered CHUNKING [RFC 3030]. The content is the concatenation
+        of *parts* with CRLF line ends (:func:`canonical_body`), neither dot-stuffed nor
+        ended by a dot; the command and the content go out in one write when the content
+        fits in one :data:`BODY_CHUNK`. Each write is bounded by the command timeout (B-104)
+        and the one reply by the submission timeout (B-103), as the final reply of DATA is.
+        Like :meth:`data`, it needs an accepted recipient (B-40, B-95); otherwise ValueError.
         """
         if self._accepted_rcpts <= 0:
             raise ValueError("bdat() called without an accepted recipient")
         self._settle()
-        content = canonical_body(message)
+        content = canonical_body(b"".join(parts))
         head = b"BDAT %d LAST\r\n" % len(content)
-        if len(content) <= BODY_CHUNK:
-            self._send(head + content, self.command_timeout, "BDAT")
-        else:
-            self._send(head, self.command_timeout, "BDAT")
-            payload = memoryview(content)
-            for start in range(0, len(payload), BODY_CHUNK):
-                self._send(payload[start : start + BODY_CHUNK], self.command_timeout, "body")
+        rset_sent = self._send_payload(head, content, "BDAT", self._rset_tail(rset_after))
+        del content  # not held while waiting for the reply
         reply = self._read_reply(self.submission_timeout, "BDAT")
+        if rset_sent:
+            self._owed.append("RSET")
         self._accepted_rcpts = 0
         self._expect(reply, (codes.OK,), "BDAT")
         return reply
 
-    def send_message(self, message: bytes) -> Reply:
+    def send_message(self, *parts: bytes, rset_after: bool = False) -> Reply:
         """SMTPConnection.send_message sends the content with BDAT when CHUNKING is offered, else DATA.
 
-        See :meth:`bdat` and :meth:`data`; the result and the errors are the same.
+        The message is the concatenation of *parts*. With *rset_after* and PIPELINING, a
+        RSET follows the content in the same write [RFC 2920 §3.1] and its reply is read
+        with the next command, as :meth:`rset_deferred` does: the connection is reset for
+        the pool at no extra write (see :attr:`reset_pending`). See :meth:`bdat` and
+        :meth:`data`; the result and the errors are the same.
         """
         if self.supports("CHUNKING"):
-            return self.bdat(message)
-        return self.data(message)
+            return self.bdat(*parts, rset_after=rset_after)
+        return self.data(*parts, rset_after=rset_after)
+
+    @property
+    def reset_pending(self) -> bool:
+        """reset_pending tells whether a RSET was sent whose reply is still to be read."""
+        return "RSET" in self._owed
+
+    def _rset_tail(self, wanted: bool) -> bytes:
+        """The RSET to pipeline after the content, when wanted and PIPELINING is offered."""
+        if not wanted or not self.supports("PIPELINING"):
+            return b""
+        return b"RSET\r\n"
+
+    def _send_payload(self, head: bytes, payload: bytes, what: str, tail: bytes = b"") -> bool:
+        """_send_payload writes *head*, *payload* and *tail*: in one write when the payload
+        fits in one :data:`BODY_CHUNK`, else the head, then the payload in pieces of that
+        size, the tail with the last. Returns whether a tail was sent: its reply comes after
+        the reply to the content."""
+        if len(payload) <= BODY_CHUNK:
+            self._send(head + payload + tail if head or tail else payload, self.command_timeout, what)
+        else:
+            if head:
+                self._send(head, self.command_timeout, what)
+            view = memoryview(payload)
+            for start in range(0, len(view), BODY_CHUNK):
+                piece = view[start : start + BODY_CHUNK]
+                last = start + BODY_CHUNK >= len(view)
+                self._send(bytes(piece) + tail if last and tail else piece, self.command_timeout, "body")
+        return bool(tail)
 
     def rset(self) -> Reply:
         """SMTPConnection.rset aborts the current transaction; anything but 250 raises."""
@@ -831,6 +863,22 @@ class SMTPConnection:
             raise self._fail(f"connection closed by server ({what})")
         self._rbuf += chunk
 
+    def _buffered_reply(self) -> Reply | None:
+        """_buffered_reply takes a complete one-line reply that is already buffered (the
+        common case: a pipelined batch's replies arrive together), without the line-by-line
+        loop of :meth:`_read_reply`; None when the buffer holds anything else."""
+        m = _FAST_REPLY.match(self._rbuf)
+        if m is None or m.end() > MAX_LINE_LENGTH + 2:
+            return None
+        code = int(m.group(1))
+        raw = m.group(2).decode("utf-8", errors="replace")
+        del self._rbuf[: m.end()]  # after reading the groups: they point into the buffer
+        self.last_used = self._clock()
+        if code // 100 == 3:
+            return Reply(code, None, raw, (raw,))
+        enhanced, first = parse_enhanced(raw)
+        return Reply(code, enhanced, first, (raw,))
+
     def _read_line(self, deadline: float, what: str) -> bytes:
         while True:
             idx = self._rbuf.find(b"\n")
@@ -849,6 +897,9 @@ class SMTPConnection:
     def _read_reply(self, timeout: float, what: str) -> Reply:
         """Read one reply; the whole reply must arrive within *timeout*."""
         self._check_usable()
+        fast = self._buffered_reply()
+        if fast is not None:
+            return fast
         deadline = time.monotonic() + timeout
         code: int | None = None
         texts: list[str] = []
@@ -880,6 +931,9 @@ class SMTPConnection:
             enhanced, first = parse_enhanced(texts[0])
         text = "\n".join([first, *texts[1:]])
         return Reply(code, enhanced, text, tuple(texts))
+
+
+_FAST_REPLY = re.compile(rb"([2-5][0-5][0-9]) ([^\r\n]*)\r?\n")
 
 
 def _parse_extensions(lines: Sequence[str]) -> dict[str, str]:

@@ -409,6 +409,12 @@ class RemoteDelivery:
             return out
         raise AssertionError("unreachable")
 
+    def _will_park(self, conn: SMTPConnection) -> bool:
+        """_will_park tells whether *conn* goes back to the pool if its message is accepted,
+        so that the parking RSET (B-60) can travel with the message."""
+        limit = self.t.settings.conn_reuse_limit
+        return limit > 0 and conn.transactions < limit and not self.skip_policies
+
     def _wire_address(self, conn: SMTPConnection, addr: str, *, sender: bool) -> str:
         if addr.isascii() or (self.meta.smtputf8 and conn.supports("SMTPUTF8")):
             return addr
@@ -655,7 +661,7 @@ class RemoteDelivery:
                     results[r] = E.QUARANTINED_AT_BODY.error()
             return results
         active = [dc for dc in self.domains.values() if dc.conn is not None and dc.rcpts]
-        data = header + b"\r\n" + body if header else body
+        parts = (header, b"\r\n", body) if header else (body,)  # joined by the client, not held here
         is_8bit = _msg_8bit(header, body)
 
         def send(dc: _DomainConn) -> None:
@@ -676,7 +682,7 @@ class RemoteDelivery:
                 dc.rcpts = []
                 return
             try:
-                conn.send_message(data)
+                conn.send_message(*parts, rset_after=self._will_park(conn))
             except SMTPError as e:
                 for r in dc.rcpts:
                     results[r] = e
@@ -732,11 +738,12 @@ class RemoteDelivery:
             if conn.broken or reuse_limit <= 0 or conn.transactions >= reuse_limit or self.skip_policies:
                 conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
                 continue
-            try:
-                conn.rset_deferred()  # its reply is read with the next use (B-60)
-            except SMTPError:
-                conn.close()
-                continue
+            if not conn.reset_pending:  # else the RSET went with the message (B-60)
+                try:
+                    conn.rset_deferred()  # its reply is read with the next use (B-60)
+                except SMTPError:
+                    conn.close()
+                    continue
             cand = dc.cand
             assert cand is not None
             t.pool.put(t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))

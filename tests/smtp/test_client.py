@@ -1058,3 +1058,66 @@ def test_single_address_connects_without_a_greenlet_b111(smtp_server: Any, free_
         SMTPConnection.connect(["127.0.0.1"], free_port, timeout=2.0, remote_server=MX)
     assert e.value.fields["reason"] == f"connect 127.0.0.1 port {free_port}: Connection refused"
     assert e.value.temporary and started == []
+
+
+@pytest.mark.parametrize("exts", [CHUNKING, ("PIPELINING", "8BITMIME"), ("8BITMIME",)],
+                         ids=["bdat", "data", "no-pipelining"])
+def test_parking_rset_travels_with_the_message_b60(smtp_server: Any, exts: tuple[str, ...]) -> None:
+    """B-60: with rset_after and PIPELINING, the RSET that parks the connection goes in the
+    same write as the content [RFC 2920 §3.1]; its reply is read with the next command.
+    Without PIPELINING nothing is pipelined and reset_pending stays false."""
+    srv = smtp_server(extensions=exts)
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    reply = conn.send_message(MESSAGE, rset_after=True)
+    assert reply.code == 250
+    pipelining = "PIPELINING" in exts
+    assert conn.reset_pending is pipelining
+    gevent.sleep(0.05)
+    if pipelining:
+        assert srv.session.turns[-1][-2:] == ["<chunk>" if "CHUNKING" in exts else "<body>", "RSET"]
+    else:
+        assert "RSET" not in srv.session.commands
+    mail, rcpts = conn.mail_rcpts("c@example.com", None, ["d@example.test"])
+    assert mail.code == 250 and not conn.reset_pending  # the owed reply was read first
+    conn.send_message(MESSAGE)
+    conn.quit()
+    assert srv.session.messages == [MESSAGE, MESSAGE]
+
+
+def test_parking_rset_after_a_rejected_message_b62(smtp_server: Any) -> None:
+    """B-62: the message is rejected after its content; the pipelined RSET's reply is still
+    read in order, so QUIT gets its own reply."""
+    srv = smtp_server(replies={"DOT": b"554 5.6.0 rejected\r\n"})
+    conn = open_session(srv.port)
+    conn.mail("a@example.com")
+    conn.rcpt("b@example.test")
+    with pytest.raises(SMTPError) as e:
+        conn.send_message(MESSAGE, rset_after=True)
+    assert e.value.code == 554 and not e.value.temporary and conn.reset_pending
+    conn.quit()
+    gevent.sleep(0.05)
+    assert srv.session.commands[-2:] == ["RSET", "QUIT"]
+
+
+def test_buffered_one_line_replies_parse_like_the_slow_path(raw_server: Any) -> None:
+    """Replies that arrive together are taken from the buffer one by one with the same
+    codes, enhanced codes and texts as replies read line by line."""
+    def handler(sock: Any) -> None:
+        sock.sendall(b"220 hi\r\n")
+        sock.recv(4096)
+        sock.sendall(b"250 hi\r\n")
+        sock.recv(4096)
+        sock.sendall(b"250 2.1.0 sender ok\r\n550 no such user\r\n452 4.5.3 too many\r\n251 2.1.5 forwarded\r\n")
+        sock.recv(4096)
+
+    conn = open_session(raw_server(handler))
+    conn.extensions["PIPELINING"] = ""
+    mail, rcpts = conn.mail_rcpts("a@example.com", None, ["x@example.test", "y@example.test", "z@example.test"])
+    assert (mail.code, mail.enhanced, mail.text) == (250, (2, 1, 0), "sender ok")
+    assert isinstance(rcpts[0], SMTPError) and (rcpts[0].code, rcpts[0].enhanced) == (550, (5, 0, 0))
+    assert "no such user" in rcpts[0].message
+    assert isinstance(rcpts[1], SMTPError) and (rcpts[1].code, rcpts[1].enhanced) == (452, (4, 5, 3))
+    assert not isinstance(rcpts[2], SMTPError) and rcpts[2].code == 251 and rcpts[2].text == "forwarded"
+    conn.close()
