@@ -49,6 +49,10 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
             done.peer.append(env.run_timed(h, peer_argv, timeout=300 + 20 * ideal) / ideal)
         per = statistics.median(mem.ours) * 1024 / par
         notes = [f"idle RSS {statistics.median(idle):.0f} MB, {per:.0f} KB more per delivery in progress"]
+        floor = _greenlet_floor_kb()
+        if floor is not None:
+            notes.append(f"a greenlet blocked in a gevent recv alone costs {floor:.1f} KB (bench/floor.py): "
+                         f"{floor * par / 1024:.0f} MB for {par:,} deliveries waiting at once")
         lost = []
         if statistics.median(done.ours) > 1.5:
             lost.append("completion")
@@ -79,6 +83,19 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
                          + "; ".join(_short(x) for x in r["memory_top"][1:3]))
         done.note = mem.note = "; ".join(notes)
     return [done, mem]
+
+
+def _greenlet_floor_kb() -> float | None:
+    """_greenlet_floor_kb runs bench/floor.py: the RSS of one greenlet blocked in recv."""
+    import json
+    import subprocess
+
+    env.raise_nofile(10_000)
+    p = subprocess.run([env.PY, "-m", "bench.floor", "2000"], cwd=str(env.REPO), capture_output=True, text=True,
+                       timeout=120, check=False)
+    if p.returncode != 0:
+        return None
+    return float(json.loads(p.stdout.strip().splitlines()[-1])["kb_per_greenlet"])
 
 
 def _short(line: str) -> str:
