@@ -129,7 +129,7 @@ class FakeSMTPServer:
         buf = b""
         in_data = False
         body = b""
-        chunk_left = 0  # bytes of a BDAT chunk still to come
+        chunk_left: int | None = None  # bytes of a BDAT chunk still to come
         chunk_last = False
         while True:
             chunk = sock.recv(65536)
@@ -140,13 +140,14 @@ class FakeSMTPServer:
             turn: list[str] = []
             starttls = False
             while True:
-                if chunk_left:
+                if chunk_left is not None:  # inside a BDAT chunk (possibly an empty one)
                     take = buf[:chunk_left]
                     body += take
                     buf = buf[len(take):]
                     chunk_left -= len(take)
                     if chunk_left:
                         break
+                    chunk_left = None
                     r = self._end_chunk(s, turn, chunk_last, body)
                     body = b"" if chunk_last else body
                     if r is CLOSE:
@@ -185,14 +186,6 @@ class FakeSMTPServer:
                 if verb == "BDAT":  # the reply comes after the chunk [RFC 3030]
                     size, _, last = line[5:].partition(" ")
                     chunk_left, chunk_last = int(size), last.upper() == "LAST"
-                    if chunk_left:
-                        continue
-                    # an empty chunk is answered at once
-                    r = self._end_chunk(s, turn, chunk_last, body)
-                    body = b"" if chunk_last else body
-                    if r is CLOSE:
-                        return
-                    out.append(r)
                     continue
                 reply = self._default(s, verb, line)
                 reply = self._reply(s, verb, line, reply)

@@ -511,23 +511,6 @@ def test_bdat_needs_an_accepted_recipient_b40(smtp_server: Any) -> None:
     assert not any(c.startswith("BDAT") for c in srv.session.commands)
 
 
-def test_no_reply_to_bdat_b103(smtp_server: Any) -> None:
-    """B-103: the reply to BDAT LAST is bounded by submission_timeout, like the final dot's."""
-    def stall(_s: Any, _line: str) -> bytes:
-        gevent.sleep(3)
-        return b"250 late\r\n"
-
-    srv = smtp_server(extensions=CHUNKING, replies={"BDAT": stall})
-    conn = open_session(srv.port, command_timeout=2, submission_timeout=0.3)
-    conn.mail("a@example.com")
-    conn.rcpt("b@example.test")
-    start = time.monotonic()
-    with pytest.raises(NetworkError):
-        conn.send_message(MESSAGE)
-    assert 0.25 < elapsed_since(start) < 1.5
-    assert conn.broken
-
-
 def test_send_message_uses_data_without_chunking(smtp_server: Any) -> None:
     """Without CHUNKING the message goes with DATA, dot-stuffed."""
     srv = smtp_server()
@@ -825,19 +808,22 @@ def test_server_stops_reading_during_body_b104(raw_server: Any) -> None:
     assert elapsed_since(start) < 5
 
 
-def test_no_reply_to_the_final_dot_b103(smtp_server: Any) -> None:
-    """B-103: the reply to the final dot is bounded by submission_timeout → 450 4.4.2."""
+@pytest.mark.parametrize("verb", ["DOT", "BDAT"])
+def test_no_reply_to_the_final_dot_b103(smtp_server: Any, verb: str) -> None:
+    """B-103: the reply to the final dot (or to BDAT LAST) is bounded by submission_timeout
+    → 450 4.4.2."""
     def stall(_s: Any, _line: str) -> bytes:
         gevent.sleep(3)
         return b"250 late\r\n"
 
-    srv = smtp_server(replies={"DOT": stall})
+    exts = ("PIPELINING", "CHUNKING") if verb == "BDAT" else ("PIPELINING",)
+    srv = smtp_server(extensions=exts, replies={verb: stall})
     conn = open_session(srv.port, command_timeout=2, submission_timeout=0.3)
     conn.mail("a@example.com")
     conn.rcpt("b@example.test")
     start = time.monotonic()
     with pytest.raises(NetworkError):
-        conn.data(MESSAGE)
+        conn.send_message(MESSAGE)
     assert 0.25 < elapsed_since(start) < 1.5
     assert conn.broken
 
