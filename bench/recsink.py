@@ -153,7 +153,7 @@ def per_message(sessions_: list[list[list[str]]]) -> list[int]:
 
 
 def example(sessions_: list[list[list[str]]]) -> str:
-    """example shows the turns of one message on a reused connection, e.g. ``RSET | RSET MAIL RCPT | DATA | .``."""
+    """example shows the turns of one message on a reused connection, e.g. ``RSET MAIL RCPT | BDAT . RSET``."""
     for turns in sessions_:
         dots = [i for i, verbs in enumerate(turns) if "." in verbs]
         if len(dots) >= 2:
