@@ -572,12 +572,7 @@ class SMTPConnection:
         reply = self._exchange(b"DATA\r\n", "DATA")
         self._expect(reply, (codes.START_MAIL_INPUT,), "DATA")
         rset_sent = self._send_payload(b"", prepare_body(b"".join(parts)), "body", self._rset_tail(rset_after))
-        reply = self._read_reply(self.submission_timeout, "end of data")
-        if rset_sent:
-            self._owed.append("RSET")
-        self._accepted_rcpts = 0
-        self._expect(reply, (codes.OK,), "end of data")
-        return reply
+        return self._content_reply("end of data", rset_sent)
 
     def bdat(self, *parts: bytes, rset_after: bool = False) -> Reply:
         """SMTPConnection.bdat sends the message as one ``BDAT <size> LAST`` chunk; 250 succeeds.
@@ -596,12 +591,7 @@ class SMTPConnection:
         head = b"BDAT %d LAST\r\n" % len(content)
         rset_sent = self._send_payload(head, content, "BDAT", self._rset_tail(rset_after))
         del content  # not held while waiting for the reply
-        reply = self._read_reply(self.submission_timeout, "BDAT")
-        if rset_sent:
-            self._owed.append("RSET")
-        self._accepted_rcpts = 0
-        self._expect(reply, (codes.OK,), "BDAT")
-        return reply
+        return self._content_reply("BDAT", rset_sent)
 
     def send_message(self, *parts: bytes, rset_after: bool = False) -> Reply:
         """SMTPConnection.send_message sends the content with BDAT when CHUNKING is offered, else DATA.
@@ -626,6 +616,16 @@ class SMTPConnection:
         if not wanted or not self.supports("PIPELINING"):
             return b""
         return b"RSET\r\n"
+
+    def _content_reply(self, what: str, rset_sent: bool) -> Reply:
+        """_content_reply reads the reply to the message content (bounded by the submission
+        timeout, B-103) and ends the transaction; a RSET sent with the content is owed next."""
+        reply = self._read_reply(self.submission_timeout, what)
+        if rset_sent:
+            self._owed.append("RSET")
+        self._accepted_rcpts = 0
+        self._expect(reply, (codes.OK,), what)
+        return reply
 
     def _send_payload(self, head: bytes, payload: bytes, what: str, tail: bytes = b"") -> bool:
         """_send_payload writes *head*, *payload* and *tail*: in one write when the payload

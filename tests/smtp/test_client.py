@@ -258,18 +258,20 @@ def test_data_rejected_before_content_b35(smtp_server: Any) -> None:
     assert srv.session.messages == []
 
 
-def test_data_needs_an_accepted_recipient_b40(smtp_server: Any) -> None:
-    """B-40/B-95: DATA is never sent when no RCPT succeeded."""
-    srv = smtp_server(rcpt_replies={"x@example.test": b"550 5.1.1 nope\r\n"})
+@pytest.mark.parametrize("exts", [("PIPELINING",), ("PIPELINING", "CHUNKING")], ids=["DATA", "BDAT"])
+def test_data_needs_an_accepted_recipient_b40(smtp_server: Any, exts: tuple[str, ...]) -> None:
+    """B-40/B-95: neither DATA nor BDAT is sent when no RCPT succeeded."""
+    srv = smtp_server(extensions=exts, rcpt_replies={"x@example.test": b"550 5.1.1 nope\r\n"})
     conn = open_session(srv.port)
     conn.mail("s@example.com")
     with pytest.raises(SMTPError):
         conn.rcpt("x@example.test")
     with pytest.raises(ValueError):
-        conn.data(MESSAGE)
+        conn.send_message(MESSAGE)
     conn.rset()
     conn.quit()
-    assert "DATA" not in srv.session.commands
+    verbs = [c.split(" ")[0] for c in srv.session.commands]
+    assert "DATA" not in verbs and "BDAT" not in verbs
 
 
 def test_421_marks_the_connection_broken(smtp_server: Any) -> None:
@@ -496,19 +498,6 @@ def test_bdat_rejected_carries_the_servers_codes_b97(smtp_server: Any, reply: by
     assert e.value.fields["command"] == "BDAT"
     assert "mx.example.test. said:" in e.value.message
     conn.quit()
-
-
-def test_bdat_needs_an_accepted_recipient_b40(smtp_server: Any) -> None:
-    """B-40/B-95: no BDAT without an accepted RCPT."""
-    srv = smtp_server(extensions=CHUNKING, rcpt_replies={"x@example.test": b"550 5.1.1 nope\r\n"})
-    conn = open_session(srv.port)
-    conn.mail("a@example.com")
-    with pytest.raises(SMTPError):
-        conn.rcpt("x@example.test")
-    with pytest.raises(ValueError):
-        conn.send_message(MESSAGE)
-    conn.quit()
-    assert not any(c.startswith("BDAT") for c in srv.session.commands)
 
 
 def test_send_message_uses_data_without_chunking(smtp_server: Any) -> None:
