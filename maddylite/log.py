@@ -8,6 +8,7 @@ chooses it (``stderr`` or ``off``, or a file path), and SIGUSR1 reopens a log fi
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import IO, Any
@@ -45,9 +46,13 @@ def reopen() -> None:
             old.close()
 
 
+#: a value with one of these characters (or an empty one) is written quoted
+_NEEDS_QUOTES = re.compile(r'[ ="\n\t]|^$')
+
+
 def _fmt_value(v: Any) -> str:
-    s = str(v)
-    if s == "" or any(c in s for c in ' ="\n\t'):
+    s = v if type(v) is str else str(v)
+    if _NEEDS_QUOTES.search(s):
         return json.dumps(s, ensure_ascii=False)
     return s
 
@@ -73,7 +78,7 @@ class Logger:
         else:
             prefix = f"{self.name}: " if self.name else ""
             tag = "[debug] " if level == "debug" else ""
-            kv = " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
+            kv = " ".join([f"{k}={_fmt_value(v)}" for k, v in fields.items()])
             line = f"{tag}{prefix}{msg}" + (f"\t{kv}" if kv else "")
         out = _out if _out is not None else sys.stderr
         try:

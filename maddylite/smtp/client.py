@@ -842,7 +842,11 @@ class SMTPConnection:
         self._check_usable()
         try:
             self._sock.settimeout(timeout)
-            self._sock.sendall(data)
+            # one send() takes a command or a small message whole; sendall() (which asks
+            # the kernel for the buffer size first) is only needed for what is left
+            sent = self._sock.send(data)
+            if sent < len(data):
+                self._sock.sendall(memoryview(data)[sent:])
         except TimeoutError as e:
             raise self._fail(f"timeout writing {what}") from e
         except (OSError, ValueError) as e:
@@ -868,16 +872,20 @@ class SMTPConnection:
         common case: a pipelined batch's replies arrive together), without the line-by-line
         loop of :meth:`_read_reply`; None when the buffer holds anything else."""
         m = _FAST_REPLY.match(self._rbuf)
-        if m is None or m.end() > MAX_LINE_LENGTH + 2:
+        if m is None:
             return None
-        code = int(m.group(1))
-        raw = m.group(2).decode("utf-8", errors="replace")
-        del self._rbuf[: m.end()]  # after reading the groups: they point into the buffer
+        end = m.end()
+        if end > MAX_LINE_LENGTH + 2:
+            return None
+        code_b, text_b, klass, subject, detail = m.groups()
+        code = int(code_b)
+        raw = text_b.decode("utf-8", errors="replace")
+        del self._rbuf[:end]  # after reading the groups: they point into the buffer
         self.last_used = self._clock()
-        if code // 100 == 3:
+        if klass is None or code // 100 == 3:
             return Reply(code, None, raw, (raw,))
-        enhanced, first = parse_enhanced(raw)
-        return Reply(code, enhanced, first, (raw,))
+        # the enhanced code as parse_enhanced reads it: N.N.N, then a space or the end
+        return Reply(code, (int(klass), int(subject), int(detail)), raw.partition(" ")[2], (raw,))
 
     def _read_line(self, deadline: float, what: str) -> bytes:
         while True:
@@ -896,11 +904,19 @@ class SMTPConnection:
 
     def _read_reply(self, timeout: float, what: str) -> Reply:
         """Read one reply; the whole reply must arrive within *timeout*."""
-        self._check_usable()
+        if self.broken or self._sock is None:
+            self._check_usable()
+        deadline = 0.0
+        if not self._rbuf:
+            # the usual wait: the reply has not arrived; once it has, it is most often one
+            # line that the fast path takes whole
+            deadline = time.monotonic() + timeout
+            self._fill(deadline, what)
         fast = self._buffered_reply()
         if fast is not None:
             return fast
-        deadline = time.monotonic() + timeout
+        if not deadline:
+            deadline = time.monotonic() + timeout
         code: int | None = None
         texts: list[str] = []
         total = 0
@@ -933,7 +949,9 @@ class SMTPConnection:
         return Reply(code, enhanced, text, tuple(texts))
 
 
-_FAST_REPLY = re.compile(rb"([2-5][0-5][0-9]) ([^\r\n]*)\r?\n")
+# a complete one-line reply: code, text, and the enhanced code that may start the text
+# (the same rule as codes.parse_enhanced: N.N.N followed by a space or the end of the line)
+_FAST_REPLY = re.compile(rb"([2-5][0-5][0-9]) ((?:([245])\.(\d{1,3})\.(\d{1,3})(?= |\r?\n))?[^\r\n]*)\r?\n")
 
 
 def _parse_extensions(lines: Sequence[str]) -> dict[str, str]:

@@ -277,10 +277,21 @@ class RemoteDelivery:
         self.domains: dict[str, _DomainConn] = {}
         self.rcpt_domain: dict[str, str] = {}
         self.skip_policies = bool(meta.tls_required_no and not meta.requiretls and target.settings.requiretls_override)
-        self.policies: list[DeliveryPolicy] = []
-        if target.mx_auth is not None and not self.skip_policies:
-            self.policies = [p.start_delivery(meta) for p in target.mx_auth.policies()]
+        self._policies: list[DeliveryPolicy] | None = None
         self.done = False
+
+    @property
+    def policies(self) -> list[DeliveryPolicy]:
+        """policies are the mx_auth checks of this delivery, started when first needed: a
+        message that only uses pooled connections never consults them, as in maddy, where
+        the pool is asked before the policies prepare the domain."""
+        if self._policies is None:
+            mx_auth = self.t.mx_auth
+            if mx_auth is None or self.skip_policies:
+                self._policies = []
+            else:
+                self._policies = [p.start_delivery(self.meta) for p in mx_auth.policies()]
+        return self._policies
 
     # -- recipients ---------------------------------------------------------------
 
@@ -747,7 +758,7 @@ class RemoteDelivery:
             cand = dc.cand
             assert cand is not None
             t.pool.put(t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))
-        for p in self.policies:
+        for p in self._policies or ():
             p.close()
         if t.limits is not None:
             t.limits.release_msg(self.meta.src_ip, _domain_of(self.mail_from))
