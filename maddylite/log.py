@@ -51,6 +51,8 @@ _NEEDS_QUOTES = re.compile(r'[ ="\n\t]|^$')
 
 
 def _fmt_value(v: Any) -> str:
+    if type(v) is int:
+        return str(v)
     s = v if type(v) is str else str(v)
     if _NEEDS_QUOTES.search(s):
         return json.dumps(s, ensure_ascii=False)

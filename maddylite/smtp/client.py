@@ -78,6 +78,10 @@ MAX_REPLY_BYTES = 64 * 1024
 PIPELINE_WINDOW = 64
 #: Size of each body write; each write is bounded by the command timeout (B-104).
 BODY_CHUNK = 64 * 1024
+#: How much longer than asked a socket timeout may be left as it is (see _set_timeout).
+TIMEOUT_SLACK = 0.05
+#: How many distinct one-line replies are kept parsed (see _buffered_reply).
+REPLY_CACHE_SIZE = 512
 #: Default per-reply wait [RFC 5321 §4.5.3.2].
 DEFAULT_COMMAND_TIMEOUT = 300.0
 #: Default wait for the reply to the final dot (B-103).
@@ -234,6 +238,8 @@ class SMTPConnection:
         logger: Logger | None = None,
     ) -> None:
         self._sock: Any = sock
+        #: The timeout last given to the socket (see _set_timeout); None: not known.
+        self._sock_timeout: float | None = None
         self.log = logger or Logger("smtp/client")
         self._rbuf = bytearray()
         #: MX host name (with trailing dot) used in error messages and as default SNI.
@@ -389,8 +395,9 @@ class SMTPConnection:
             raise TLSHandshakeError("handshake", str(e), remote_server=self.remote_server) from e
         # The plain socket is detached into tls_sock from here on.
         self._sock = tls_sock
+        self._sock_timeout = None
         try:
-            tls_sock.settimeout(self.command_timeout)
+            self._set_timeout(self.command_timeout)
             tls_sock.do_handshake()
         except ssl.SSLCertVerificationError as e:
             self._close_socket()
@@ -513,12 +520,12 @@ class SMTPConnection:
         mail_result: Reply | SMTPError | None = None
         closing: SMTPError | None = None
         for start in range(0, len(batch), PIPELINE_WINDOW):
-            window = batch[start : start + PIPELINE_WINDOW]
+            window = batch[start : start + PIPELINE_WINDOW] if start or len(batch) > PIPELINE_WINDOW else batch
             if isinstance(mail_result, SMTPError) or closing is not None:
                 break  # MAIL failed or the server is closing: the rest is not sent.
-            if any(verb == "MAIL" for verb, _, _ in window):
+            if start == 0:  # MAIL is in the first window (after at most one RSET)
                 self.transactions += 1
-            self._send(b"".join(line for _, line, _ in window), self.command_timeout,
+            self._send(b"".join([line for _, line, _ in window]), self.command_timeout,
                        "pipelined commands")
             self._settle()
             for verb, _, slot in window:
@@ -838,10 +845,23 @@ class SMTPConnection:
             raise NetworkError(f"connection unusable: {self.broken_reason or 'closed'}",
                                remote_server=self.remote_server)
 
-    def _send(self, data: bytes | memoryview, timeout: float, what: str = "command") -> None:
-        self._check_usable()
-        try:
+    def _set_timeout(self, timeout: float) -> None:
+        """_set_timeout bounds the socket's next blocking call by *timeout*.
+
+        The socket keeps a timeout already in [timeout, timeout + TIMEOUT_SLACK]: a reply
+        read right after a write with the same bound would otherwise set it again for a
+        difference of microseconds.
+        """
+        current = self._sock_timeout
+        if current is None or not timeout <= current <= timeout + TIMEOUT_SLACK:
             self._sock.settimeout(timeout)
+            self._sock_timeout = timeout
+
+    def _send(self, data: bytes | memoryview, timeout: float, what: str = "command") -> None:
+        if self.broken or self._sock is None:
+            self._check_usable()
+        try:
+            self._set_timeout(timeout)
             # one send() takes a command or a small message whole; sendall() (which asks
             # the kernel for the buffer size first) is only needed for what is left
             sent = self._sock.send(data)
@@ -857,7 +877,7 @@ class SMTPConnection:
         if remaining <= 0:
             raise self._fail(f"timeout waiting for {what} reply")
         try:
-            self._sock.settimeout(remaining)
+            self._set_timeout(remaining)
             chunk = self._sock.recv(4096)
         except TimeoutError as e:
             raise self._fail(f"timeout waiting for {what} reply") from e
@@ -877,15 +897,23 @@ class SMTPConnection:
         end = m.end()
         if end > MAX_LINE_LENGTH + 2:
             return None
-        code_b, text_b, klass, subject, detail = m.groups()
-        code = int(code_b)
-        raw = text_b.decode("utf-8", errors="replace")
+        line = m.group(0)
+        reply = _REPLIES.get(line)
+        if reply is None:
+            code_b, text_b, klass, subject, detail = m.groups()
+            code = int(code_b)
+            raw = text_b.decode("utf-8", errors="replace")
+            if klass is None or code // 100 == 3:
+                reply = Reply(code, None, raw, (raw,))
+            else:
+                # the enhanced code as parse_enhanced reads it: N.N.N, then a space or the end
+                reply = Reply(code, (int(klass), int(subject), int(detail)), raw.partition(" ")[2], (raw,))
+            if len(_REPLIES) >= REPLY_CACHE_SIZE:
+                _REPLIES.clear()
+            _REPLIES[line] = reply
         del self._rbuf[:end]  # after reading the groups: they point into the buffer
         self.last_used = self._clock()
-        if klass is None or code // 100 == 3:
-            return Reply(code, None, raw, (raw,))
-        # the enhanced code as parse_enhanced reads it: N.N.N, then a space or the end
-        return Reply(code, (int(klass), int(subject), int(detail)), raw.partition(" ")[2], (raw,))
+        return reply
 
     def _read_line(self, deadline: float, what: str) -> bytes:
         while True:
@@ -951,6 +979,10 @@ class SMTPConnection:
 
 # a complete one-line reply: code, text, and the enhanced code that may start the text
 # (the same rule as codes.parse_enhanced: N.N.N followed by a space or the end of the line)
+#: One-line replies already parsed, by their bytes, shared by every connection: servers
+#: repeat the same few (``250 2.1.0 Ok``) on every transaction, and a Reply is immutable.
+_REPLIES: dict[bytes, Reply] = {}
+
 _FAST_REPLY = re.compile(rb"([2-5][0-5][0-9]) ((?:([245])\.(\d{1,3})\.(\d{1,3})(?= |\r?\n))?[^\r\n]*)\r?\n")
 
 

@@ -209,6 +209,10 @@ class RemoteTarget(ModuleBase):
         self.tls_client: TLSClientConfig = settings.tls_client
         self.limits: Any = settings.limits
         self.mx_auth: Any = settings.mx_auth
+        self.conn_reuse_limit: int = settings.conn_reuse_limit
+        self.requiretls_override: bool = settings.requiretls_override
+        # everything in a pool key but the domain and TLS-Required: No (see pool_key)
+        self._key_settings = (self.hostname, self.local_ip, self.tls_client.key_tuple(), id(self.mx_auth))
         self.log = Logger("remote", settings.debug)
         self.pool = ConnPool(settings.conn_max_idle_count, float(settings.conn_max_idle_time), self.log)
         self._greenlets = gevent.pool.Group()
@@ -237,7 +241,7 @@ class RemoteTarget(ModuleBase):
 
     def pool_key(self, domain: str, skip_policies: bool) -> tuple[Any, ...]:
         """pool_key is everything that changes a session's security, plus the domain (B-66)."""
-        return (domain, self.hostname, self.local_ip, self.tls_client.key_tuple(), id(self.mx_auth), skip_policies)
+        return (domain, self._key_settings, skip_policies)
 
     def start_delivery(self, meta: MsgMetadata, mail_from: str) -> RemoteDelivery:
         """start_delivery validates the sender and takes the message-level limit slots."""
@@ -264,6 +268,8 @@ class _DomainConn:
     #: opened.
     pending_rset: bool = False
     mail_sent: bool = False
+    #: The pool key the connection was taken with and goes back under (see pool_key).
+    pool_key: tuple[Any, ...] | None = None
 
 
 class RemoteDelivery:
@@ -276,7 +282,7 @@ class RemoteDelivery:
         self.log = target.log
         self.domains: dict[str, _DomainConn] = {}
         self.rcpt_domain: dict[str, str] = {}
-        self.skip_policies = bool(meta.tls_required_no and not meta.requiretls and target.settings.requiretls_override)
+        self.skip_policies = bool(meta.tls_required_no and not meta.requiretls and target.requiretls_override)
         self._policies: list[DeliveryPolicy] | None = None
         self.done = False
 
@@ -297,7 +303,9 @@ class RemoteDelivery:
 
     def add_rcpt(self, rcpt: str) -> None:
         """add_rcpt adds one recipient, connecting to its domain first if needed."""
-        err = self.add_rcpts([rcpt])[rcpt]
+        err = self._check_rcpt(rcpt)
+        if err is None:  # add_rcpts with one recipient, without its grouping
+            err = self._add_domain_rcpts(_domain_of(rcpt).lower().rstrip("."), [rcpt])[rcpt]
         if err is not None:
             raise err
 
@@ -423,7 +431,7 @@ class RemoteDelivery:
     def _will_park(self, conn: SMTPConnection) -> bool:
         """_will_park tells whether *conn* goes back to the pool if its message is accepted,
         so that the parking RSET (B-60) can travel with the message."""
-        limit = self.t.settings.conn_reuse_limit
+        limit = self.t.conn_reuse_limit
         return limit > 0 and conn.transactions < limit and not self.skip_policies
 
     def _wire_address(self, conn: SMTPConnection, addr: str, *, sender: bool) -> str:
@@ -446,7 +454,7 @@ class RemoteDelivery:
 
     def _open(self, dc: _DomainConn, use_pool: bool = True) -> None:
         """_open gives the domain a connection (pooled or new) and its destination slot."""
-        key = self.t.pool_key(dc.domain, self.skip_policies)
+        key = dc.pool_key = self.t.pool_key(dc.domain, self.skip_policies)
         if use_pool and not self.meta.requiretls:  # REQUIRETLS never uses the pool (B-68)
             idle = self.t.pool.take(key)
             if idle is not None:
@@ -745,7 +753,7 @@ class RemoteDelivery:
             self._release_dest(dc)
             if conn is None:
                 continue
-            reuse_limit = t.settings.conn_reuse_limit
+            reuse_limit = t.conn_reuse_limit
             if conn.broken or reuse_limit <= 0 or conn.transactions >= reuse_limit or self.skip_policies:
                 conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
                 continue
@@ -757,7 +765,7 @@ class RemoteDelivery:
                     continue
             cand = dc.cand
             assert cand is not None
-            t.pool.put(t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))
+            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))
         for p in self._policies or ():
             p.close()
         if t.limits is not None:
