@@ -67,6 +67,7 @@ def main(spec_path: str) -> int:
 
     from maddylite.config.parser import parse_string
     from maddylite.interfaces import MsgMetadata
+    from maddylite.log import batch_lines
     from maddylite.runtime import ConfigSource, Runtime
 
     RemoteTarget.smtp_port = int(spec.get("port", 25))
@@ -74,6 +75,7 @@ def main(spec_path: str) -> int:
     rt.configure(require_endpoint=False, nodes=parse_string(spec["config"], filename=spec_path + ".conf"))
     for m in rt.modules:
         m.start()
+    batch_lines()  # log lines are batched per turn of the event loop, as in `maddylite run`
     target = next(m for m in rt.modules if m.mod_name == "target.remote")
 
     raw = open(spec["message"], "rb").read()

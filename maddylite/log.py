@@ -3,26 +3,71 @@
 A :class:`Logger` is cheap to create and carries a module label and a debug flag. The
 output sink is process-wide (:func:`configure_output`); ``log`` in the configuration
 chooses it (``stderr`` or ``off``, or a file path), and SIGUSR1 reopens a log file.
+
+The server batches its lines (:func:`batch_lines`): the lines logged while the event loop
+runs greenlets are written together, in one write, before the loop next waits for events,
+and at exit. A busy server then does not pay a system call per line; a line is still
+out before the process sleeps.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import sys
 import time
 from typing import IO, Any
 
+import gevent
+
 #: The log file, or None for whatever sys.stderr is when a line is written.
 _out: IO[str] | None = None
 _json = False
 _path: str | None = None
 _enabled = True
+#: Lines waiting for the end of the event loop's turn, or None: every line is written at once.
+_batch: list[str] | None = None
+_flush_scheduled = False
+
+
+def batch_lines(on: bool = True) -> None:
+    """batch_lines turns batching on or off (off writes what is waiting first)."""
+    global _batch
+    if on and _batch is None:
+        _batch = []
+    elif not on and _batch is not None:
+        flush()
+        _batch = None
+
+
+def flush() -> None:
+    """flush writes the lines waiting in the batch, in one write."""
+    global _flush_scheduled
+    _flush_scheduled = False
+    if not _batch:
+        return
+    text = "".join(_batch)
+    _batch.clear()
+    _write(text)
+
+
+atexit.register(flush)
+
+
+def _write(text: str) -> None:
+    out = _out if _out is not None else sys.stderr
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def configure_output(targets: tuple[str, ...] = ("stderr",), json_format: bool = False) -> None:
     """configure_output selects where log lines go: ``stderr``, ``off`` or a file path."""
     global _out, _json, _path, _enabled
+    flush()  # what was logged before goes where it was meant to
     _json = json_format
     _enabled = True
     _path = None
@@ -39,6 +84,7 @@ def configure_output(targets: tuple[str, ...] = ("stderr",), json_format: bool =
 def reopen() -> None:
     """reopen reopens a log file (SIGUSR1), so that rotated logs are released."""
     global _out
+    flush()
     if _path is not None:
         old = _out
         _out = open(_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
@@ -82,12 +128,7 @@ class Logger:
             tag = "[debug] " if level == "debug" else ""
             kv = " ".join([f"{k}={_fmt_value(v)}" for k, v in fields.items()])
             line = f"{tag}{prefix}{msg}" + (f"\t{kv}" if kv else "")
-        out = _out if _out is not None else sys.stderr
-        try:
-            out.write(line + "\n")
-            out.flush()
-        except (OSError, ValueError):
-            pass
+        _emit_line(line + "\n")
 
     def info(self, msg: str, **fields: Any) -> None:
         """info logs an ordinary event."""
@@ -107,3 +148,16 @@ class Logger:
         """debug logs only when debug output is on for this module."""
         if self.debug_enabled:
             self._emit("debug", msg, fields)
+
+
+def _emit_line(text: str) -> None:
+    global _flush_scheduled
+    if _batch is None:
+        _write(text)
+        return
+    _batch.append(text)
+    if not _flush_scheduled:
+        _flush_scheduled = True
+        # a loop callback runs once the running greenlets have yielded, before the loop
+        # polls for events again
+        gevent.get_hub().loop.run_callback(flush)

@@ -31,7 +31,8 @@ from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
 from maddylite.lifecycle import Lifetime, StartError
 from maddylite.listeners import ListenerPool
-from maddylite.log import Logger, configure_output
+from maddylite.log import Logger, batch_lines, configure_output
+from maddylite.log import flush as flush_logs
 from maddylite.log import reopen as reopen_logs
 from maddylite.registry import Builder, ModuleBase
 from maddylite.tls import TLS_CLIENT_TYPE, TLS_SERVER_TYPE, TLSClientConfig
@@ -208,6 +209,7 @@ class Server:
         """request_stop begins a graceful stop; a second request exits at once (E-13)."""
         if self._stop_wanted.is_set():
             self.log.error("second stop signal, exiting immediately")
+            flush_logs()
             os._exit(1)
         self._stop_wanted.set()
 
@@ -315,5 +317,9 @@ def run_server(source: ConfigSource) -> int:
         print(f"maddylite: failed to start: {e}", file=sys.stderr)
         return 1
     server.install_signals()
-    return server.serve_forever()
+    batch_lines()  # one write per turn of the event loop, not one per line (see maddylite.log)
+    try:
+        return server.serve_forever()
+    finally:
+        batch_lines(False)
 
