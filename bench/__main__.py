@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     rev = _revision()
     print(f"# maddylite benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs), {rev}, quick={args.quick}")
+    print(f"# python: {_interpreter()}")
     figures = []
     done: set[str] = set()
     for name in names:
@@ -65,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fp:
         json.dump({"date": time.time(), "quick": args.quick, "revision": rev, "machine": platform.node(),
+                   "python": _interpreter(),
                    "figures": figures}, fp, indent=1)
     print(f"# results written to {args.json}")
     return 0
+
+
+def _interpreter() -> str:
+    """_interpreter names the Python that runs maddylite here: its build changes every
+    figure (a distribution's optimised build against a plain source build)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    return f"{platform.python_version()} {os.path.realpath(base)} ({platform.python_compiler()})"
 
 
 def _revision() -> str:
@@ -100,3 +109,4 @@ def compare(old: str, new: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
