@@ -1096,3 +1096,85 @@ def test_buffered_one_line_replies_parse_like_the_slow_path(raw_server: Any) -> 
     assert isinstance(rcpts[1], SMTPError) and (rcpts[1].code, rcpts[1].enhanced) == (452, (4, 5, 3))
     assert not isinstance(rcpts[2], SMTPError) and rcpts[2].code == 251 and rcpts[2].text == "forwarded"
     conn.close()
+
+
+class ChunkSocket:
+    """ChunkSocket hands out the given chunks, one per recv; sends are recorded. Sends
+    take at most *send_max* bytes each, as a full socket buffer would."""
+
+    def __init__(self, chunks: list[bytes], send_max: int | None = None) -> None:
+        self.chunks = list(chunks)
+        self.sent: list[bytes] = []
+        self.send_max = send_max
+        self.timeouts: list[float | None] = []
+
+    def settimeout(self, t: float | None) -> None:
+        self.timeouts.append(t)
+
+    def recv(self, n: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def send(self, data: Any) -> int:
+        data = bytes(data)[: self.send_max]
+        self.sent.append(data)
+        return len(data)
+
+    def sendall(self, data: Any) -> None:
+        self.sent.append(bytes(data))
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1025)
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("127.0.0.2", 25)
+
+    def close(self) -> None:
+        pass
+
+
+REPLY_LINES = [
+    b"250 2.0.0 Ok", b"250 2.0.0", b"250 2.0.0x", b"250 2.0.0  two spaces", b"550 5.7.1 Blocked: spam",
+    b"451 4.3.0", b"250 9.9.9 not an enhanced class", b"250 2.1234.0 subject too long", b"250 2.0",
+    b"354 2.0.0 start mail input", b"354 End data with <CR><LF>.<CR><LF>", b"250 ", b"250",
+    b"250 \xc3\xa9t\xc3\xa9 UTF-8", b"250 bad \xff byte", b"221 2.0.0 Bye", b"250 5.1.1 class differs",
+    b"250 2.0.0\tOk",
+]
+
+
+@pytest.mark.parametrize("line", REPLY_LINES)
+@pytest.mark.parametrize("end", [b"\r\n", b"\n"])
+def test_reply_taken_whole_from_the_buffer_equals_the_line_by_line_reading_b97_b98(line: bytes, end: bytes) -> None:
+    """B-97, B-98: a one-line reply that arrives whole (parsed by the fast path, and the
+    second time taken from the shared table of parsed replies) has the code, enhanced code
+    and text of the same reply arriving in two pieces (read line by line)."""
+    whole = SMTPConnection(ChunkSocket([line + end, line + end]), remote_server=MX)
+    split = SMTPConnection(ChunkSocket([line[:2], line[2:] + end]), remote_server=MX)
+    slow = split._read_reply(1.0, "test")
+    first, again = whole._read_reply(1.0, "test"), whole._read_reply(1.0, "test")
+    assert first == slow and again == slow
+    assert slow.code == int(line[:3])
+
+
+def test_a_partial_send_is_completed_with_sendall() -> None:
+    """A write the socket takes only in part is finished by sendall, in order."""
+    sock = ChunkSocket([b"250 2.1.0 Ok\r\n"], send_max=4)
+    conn = SMTPConnection(sock, remote_server=MX)
+    conn.extensions["PIPELINING"] = ""
+    conn.mail_rcpts("a@example.com", None, [])
+    assert sock.sent == [b"MAIL", b" FROM:<a@example.com>\r\n"]
+
+
+def test_the_socket_timeout_is_set_again_only_when_it_changes_b102_b103() -> None:
+    """B-102, B-103: commands are bounded by the command timeout and the reply to the
+    content by the submission timeout; the socket's timeout is only set when the bound
+    changes by more than TIMEOUT_SLACK."""
+    replies = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+    sock = ChunkSocket([replies, b"354 go\r\n", b"250 2.0.0 queued\r\n", replies])
+    conn = SMTPConnection(sock, remote_server=MX, command_timeout=30.0, submission_timeout=600.0)
+    conn.extensions["PIPELINING"] = ""
+    conn.mail_rcpts("a@example.com", None, ["b@example.test"])
+    conn.data(b"Subject: x\r\n\r\nhi\r\n")
+    conn.mail_rcpts("a@example.com", None, ["b@example.test"])
+    # 30 for the envelope, the DATA command and the content; about 600 for the final
+    # reply; 30 again for the next envelope
+    assert [round(t or 0) for t in sock.timeouts] == [30, 600, 30]
