@@ -3,8 +3,11 @@
 A delivery waiting for a reply is a greenlet blocked in a gevent socket's recv. This
 measures what that alone costs: N greenlets, each blocked in recv on its own socket pair
 (made before the first measurement), and the growth of the resident set size divided by
-N. Prints one JSON line: ``{"n": N, "kb_per_greenlet": ...}``. bench/stall.py quotes it
-next to the memory goal, as the part no change to maddylite's own code can remove.
+N. It also measures N bare greenlets (the greenlet library alone, no gevent, no socket),
+each switched out in its first Python call: the least any greenlet costs. Prints one JSON
+line: ``{"n": N, "kb_per_greenlet": ..., "kb_per_bare_greenlet": ...}``. bench/stall.py
+quotes them next to the memory goal, as the part no change to maddylite's own code can
+remove.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 
 import gevent
 import gevent.socket
+import greenlet
 
 
 def _rss_kb() -> int:
@@ -26,6 +30,7 @@ def _rss_kb() -> int:
 
 
 def main(n: int) -> None:
+    bare_kb, bare = _bare(n)  # first, and kept: freed memory would be reused below
     pairs = [socket.socketpair() for _ in range(n)]
     socks = [gevent.socket.socket(fileno=a.detach()) for a, _ in pairs]
     gevent.sleep(0)
@@ -38,10 +43,26 @@ def main(n: int) -> None:
     greenlets = [gevent.spawn(wait, s) for s in socks]
     gevent.sleep(0.2)
     after = _rss_kb()
-    print(json.dumps({"n": n, "kb_per_greenlet": (after - before) / n}))
     for _, b in pairs:
         b.sendall(b"x")
     gevent.joinall(greenlets, timeout=10)
+    print(json.dumps({"n": n, "kb_per_greenlet": (after - before) / n, "kb_per_bare_greenlet": bare_kb}))
+    del bare
+
+
+def _bare(n: int) -> tuple[float, list[greenlet.greenlet]]:
+    """_bare: the RSS of one bare greenlet switched out in its first Python call, and the
+    greenlets (alive: the caller decides when their memory may be reused)."""
+    main = greenlet.getcurrent()
+
+    def park() -> None:  # one Python frame: a greenlet that runs Python code has one
+        main.switch()
+
+    bare = [greenlet.greenlet(park) for _ in range(n)]
+    before = _rss_kb()
+    for g in bare:
+        g.switch()
+    return (_rss_kb() - before) / n, bare
 
 
 if __name__ == "__main__":

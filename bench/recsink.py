@@ -1,11 +1,14 @@
 """A recording SMTP sink that counts round trips: python -m bench.recsink ADDR PORT OUT.json [chunking]
 
-A round trip (a "turn") is one flight of client data that the server answers: the sink
-reads whatever the client sends, keeps reading while more arrives within SETTLE seconds
-(so that pipelined commands written in several pieces count once), then answers every
-complete command in one write and waits for the client again. A client that waits for
-each reply costs one turn per command; a client that pipelines RSET, MAIL and RCPT costs
-one turn for the three.
+A round trip (a "turn") is one flight of client data that the client waits to have
+answered: the sink reads whatever the client sends, keeps reading while more arrives
+within SETTLE seconds (so that pipelined commands written in several pieces count once),
+holds its answer HOLD seconds more, reading on (what the client sends meanwhile did not
+wait for the answer, so it belongs to the same flight), then answers every complete
+command in one write and waits for the client again. A client that waits for each reply
+costs one turn per command; a client that pipelines RSET, MAIL and RCPT costs one turn for
+the three; a command written without waiting for its reply (a RSET that parks a
+connection) joins the flight that follows it.
 
 It offers PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES (and CHUNKING, as Postfix's
 smtpd does, when the fourth argument is ``chunking``), no STARTTLS, accepts everything and
@@ -23,8 +26,10 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 
 SETTLE = 0.005
+HOLD = 0.01
 EHLO = (b"250-recsink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 52428800\r\n"
         b"250 ENHANCEDSTATUSCODES\r\n")
 EHLO_CHUNKING = EHLO.replace(b"250 ENHANCED", b"250-CHUNKING\r\n250 ENHANCED")
@@ -55,6 +60,18 @@ class Handler(socketserver.BaseRequestHandler):
             buf += chunk
             sock.settimeout(SETTLE)
             while True:  # the rest of this flight
+                try:
+                    more = sock.recv(65536)
+                except (TimeoutError, BlockingIOError):
+                    break
+                except OSError:
+                    return
+                if not more:
+                    break
+                buf += more
+            hold_until = time.monotonic() + HOLD
+            while (left := hold_until - time.monotonic()) > 0:  # what comes while the answer is held
+                sock.settimeout(left)
                 try:
                     more = sock.recv(65536)
                 except (TimeoutError, BlockingIOError):
@@ -153,7 +170,7 @@ def per_message(sessions_: list[list[list[str]]]) -> list[int]:
 
 
 def example(sessions_: list[list[list[str]]]) -> str:
-    """example shows the turns of one message on a reused connection, e.g. ``RSET MAIL RCPT | BDAT . RSET``."""
+    """example shows the turns of one message on a reused connection, e.g. ``RSET RSET MAIL RCPT | BDAT .``."""
     for turns in sessions_:
         dots = [i for i, verbs in enumerate(turns) if "." in verbs]
         if len(dots) >= 2:

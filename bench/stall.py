@@ -33,7 +33,12 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
                   peer_name="smtp-source", goal="<= 1.5")
     mem = Figure(f"{label}: peak RSS above idle", "MB", higher_is_better=False, peer_name="goal", goal=f"<= {GOAL_MB:g} MB")
     mem.peer = [GOAL_MB]
-    with env.Sink(h, wait_dot=1, max_conns=par + 200) as sink:
+    # Room for every connection the engine may hold, not only the P busy ones: a delivery
+    # whose domain has no idle connection at hand opens another while idle ones of other
+    # domains wait in the pool (about 1.5 x P here). A sink at its limit leaves the rest
+    # unaccepted until its own 100 s timeout closes an idle connection: a stall that
+    # measures the sink, not the engine.
+    with env.Sink(h, wait_dot=1, max_conns=2 * par + 1000) as sink:
         spec = {"config": env.engine_config(h, state), "message": str(crlf), "domains": h.bench_domains(),
                 "count": n, "parallel": par, "port": sink.port}
         peer_argv = ["smtp-source", "-s", str(par), "-m", str(n), "-d", "-F", str(lf), "-f", env.SENDER,
@@ -51,8 +56,10 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
         notes = [f"idle RSS {statistics.median(idle):.0f} MB, {per:.0f} KB more per delivery in progress"]
         floor = _greenlet_floor_kb()
         if floor is not None:
-            notes.append(f"a greenlet blocked in a gevent recv alone costs {floor:.1f} KB (bench/floor.py): "
-                         f"{floor * par / 1024:.0f} MB for {par:,} deliveries waiting at once")
+            recv_kb, bare_kb = floor
+            notes.append(f"a greenlet blocked in a gevent recv alone costs {recv_kb:.1f} KB, a bare greenlet "
+                         f"parked in one Python call {bare_kb:.1f} KB (bench/floor.py): {recv_kb * par / 1024:.0f} MB "
+                         f"and {bare_kb * par / 1024:.0f} MB for {par:,} deliveries waiting at once")
         lost = []
         if statistics.median(done.ours) > 1.5:
             lost.append("completion")
@@ -85,8 +92,9 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
     return [done, mem]
 
 
-def _greenlet_floor_kb() -> float | None:
-    """_greenlet_floor_kb runs bench/floor.py: the RSS of one greenlet blocked in recv."""
+def _greenlet_floor_kb() -> tuple[float, float] | None:
+    """_greenlet_floor_kb runs bench/floor.py: the RSS of one greenlet blocked in recv, and
+    of one bare greenlet."""
     import json
     import subprocess
 
@@ -95,7 +103,8 @@ def _greenlet_floor_kb() -> float | None:
                        timeout=120, check=False)
     if p.returncode != 0:
         return None
-    return float(json.loads(p.stdout.strip().splitlines()[-1])["kb_per_greenlet"])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return float(out["kb_per_greenlet"]), float(out["kb_per_bare_greenlet"])
 
 
 def _short(line: str) -> str:

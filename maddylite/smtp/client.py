@@ -26,7 +26,10 @@ server offers CHUNKING [RFC 3030], :meth:`SMTPConnection.send_message` sends the
 one ``BDAT <size> LAST`` chunk in the same write as its command, so a message on a reused
 pipelining connection costs two round trips: ``[RSET] RSET+MAIL+RCPT...`` and ``BDAT``+content.
 Without CHUNKING it costs three: the envelope, ``DATA`` (the content may only follow the
-354 reply), then the content with the final dot.
+354 reply), then the content with the final dot. Nothing is sent after the content before
+its reply is in, so that no other reply can be taken for it; the RSET that parks a
+connection (:meth:`SMTPConnection.rset_deferred`) follows the reply and its own reply is
+read with the next use, which costs a write but no wait.
 """
 
 from __future__ import annotations
@@ -563,7 +566,7 @@ class SMTPConnection:
             final.append(res)
         return mail_result, final
 
-    def data(self, *parts: bytes, rset_after: bool = False) -> Reply:
+    def data(self, *parts: bytes) -> Reply:
         """SMTPConnection.data sends DATA, the message and the final dot; 250 succeeds.
 
         The message is the concatenation of *parts* (a header and a body need not be joined
@@ -578,10 +581,10 @@ class SMTPConnection:
             raise ValueError("data() called without an accepted recipient")
         reply = self._exchange(b"DATA\r\n", "DATA")
         self._expect(reply, (codes.START_MAIL_INPUT,), "DATA")
-        rset_sent = self._send_payload(b"", prepare_body(b"".join(parts)), "body", self._rset_tail(rset_after))
-        return self._content_reply("end of data", rset_sent)
+        self._send_payload(b"", prepare_body(b"".join(parts)), "body")
+        return self._content_reply("end of data")
 
-    def bdat(self, *parts: bytes, rset_after: bool = False) -> Reply:
+    def bdat(self, *parts: bytes) -> Reply:
         """SMTPConnection.bdat sends the message as one ``BDAT <size> LAST`` chunk; 250 succeeds.
 
         The server must have offered CHUNKING [RFC 3030]. The content is the concatenation
@@ -596,60 +599,41 @@ class SMTPConnection:
         self._settle()
         content = canonical_body(b"".join(parts))
         head = b"BDAT %d LAST\r\n" % len(content)
-        rset_sent = self._send_payload(head, content, "BDAT", self._rset_tail(rset_after))
+        self._send_payload(head, content, "BDAT")
         del content  # not held while waiting for the reply
-        return self._content_reply("BDAT", rset_sent)
+        return self._content_reply("BDAT")
 
-    def send_message(self, *parts: bytes, rset_after: bool = False) -> Reply:
+    def send_message(self, *parts: bytes) -> Reply:
         """SMTPConnection.send_message sends the content with BDAT when CHUNKING is offered, else DATA.
 
-        The message is the concatenation of *parts*. With *rset_after* and PIPELINING, a
-        RSET follows the content in the same write [RFC 2920 §3.1] and its reply is read
-        with the next command, as :meth:`rset_deferred` does: the connection is reset for
-        the pool at no extra write (see :attr:`reset_pending`). See :meth:`bdat` and
-        :meth:`data`; the result and the errors are the same.
+        The message is the concatenation of *parts*. Nothing is sent after the content
+        until its reply is in: a server that answered a later command first (smtp-sink does,
+        when it delays the final reply) would otherwise have that reply taken for the
+        message's. See :meth:`bdat` and :meth:`data`; the result and the errors are the same.
         """
         if self.supports("CHUNKING"):
-            return self.bdat(*parts, rset_after=rset_after)
-        return self.data(*parts, rset_after=rset_after)
+            return self.bdat(*parts)
+        return self.data(*parts)
 
-    @property
-    def reset_pending(self) -> bool:
-        """reset_pending tells whether a RSET was sent whose reply is still to be read."""
-        return "RSET" in self._owed
-
-    def _rset_tail(self, wanted: bool) -> bytes:
-        """The RSET to pipeline after the content, when wanted and PIPELINING is offered."""
-        if not wanted or not self.supports("PIPELINING"):
-            return b""
-        return b"RSET\r\n"
-
-    def _content_reply(self, what: str, rset_sent: bool) -> Reply:
+    def _content_reply(self, what: str) -> Reply:
         """_content_reply reads the reply to the message content (bounded by the submission
-        timeout, B-103) and ends the transaction; a RSET sent with the content is owed next."""
+        timeout, B-103) and ends the transaction."""
         reply = self._read_reply(self.submission_timeout, what)
-        if rset_sent:
-            self._owed.append("RSET")
         self._accepted_rcpts = 0
         self._expect(reply, (codes.OK,), what)
         return reply
 
-    def _send_payload(self, head: bytes, payload: bytes, what: str, tail: bytes = b"") -> bool:
-        """_send_payload writes *head*, *payload* and *tail*: in one write when the payload
-        fits in one :data:`BODY_CHUNK`, else the head, then the payload in pieces of that
-        size, the tail with the last. Returns whether a tail was sent: its reply comes after
-        the reply to the content."""
+    def _send_payload(self, head: bytes, payload: bytes, what: str) -> None:
+        """_send_payload writes *head* and *payload*: in one write when the payload fits in
+        one :data:`BODY_CHUNK`, else the head, then the payload in pieces of that size."""
         if len(payload) <= BODY_CHUNK:
-            self._send(head + payload + tail if head or tail else payload, self.command_timeout, what)
-        else:
-            if head:
-                self._send(head, self.command_timeout, what)
-            view = memoryview(payload)
-            for start in range(0, len(view), BODY_CHUNK):
-                piece = view[start : start + BODY_CHUNK]
-                last = start + BODY_CHUNK >= len(view)
-                self._send(bytes(piece) + tail if last and tail else piece, self.command_timeout, "body")
-        return bool(tail)
+            self._send(head + payload if head else payload, self.command_timeout, what)
+            return
+        if head:
+            self._send(head, self.command_timeout, what)
+        view = memoryview(payload)
+        for start in range(0, len(view), BODY_CHUNK):
+            self._send(view[start : start + BODY_CHUNK], self.command_timeout, "body")
 
     def rset(self) -> Reply:
         """SMTPConnection.rset aborts the current transaction; anything but 250 raises."""

@@ -428,12 +428,6 @@ class RemoteDelivery:
             return out
         raise AssertionError("unreachable")
 
-    def _will_park(self, conn: SMTPConnection) -> bool:
-        """_will_park tells whether *conn* goes back to the pool if its message is accepted,
-        so that the parking RSET (B-60) can travel with the message."""
-        limit = self.t.conn_reuse_limit
-        return limit > 0 and conn.transactions < limit and not self.skip_policies
-
     def _wire_address(self, conn: SMTPConnection, addr: str, *, sender: bool) -> str:
         if addr.isascii() or (self.meta.smtputf8 and conn.supports("SMTPUTF8")):
             return addr
@@ -701,7 +695,7 @@ class RemoteDelivery:
                 dc.rcpts = []
                 return
             try:
-                conn.send_message(*parts, rset_after=self._will_park(conn))
+                conn.send_message(*parts)
             except SMTPError as e:
                 for r in dc.rcpts:
                     results[r] = e
@@ -757,12 +751,13 @@ class RemoteDelivery:
             if conn.broken or reuse_limit <= 0 or conn.transactions >= reuse_limit or self.skip_policies:
                 conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
                 continue
-            if not conn.reset_pending:  # else the RSET went with the message (B-60)
-                try:
-                    conn.rset_deferred()  # its reply is read with the next use (B-60)
-                except SMTPError:
-                    conn.close()
-                    continue
+            try:
+                # sent once the message's reply is in (see send_message); its own reply
+                # is read with the next use (B-60)
+                conn.rset_deferred()
+            except SMTPError:
+                conn.close()
+                continue
             cand = dc.cand
             assert cand is not None
             t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))
