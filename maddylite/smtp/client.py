@@ -81,8 +81,6 @@ MAX_REPLY_BYTES = 64 * 1024
 PIPELINE_WINDOW = 64
 #: Size of each body write; each write is bounded by the command timeout (B-104).
 BODY_CHUNK = 64 * 1024
-#: How much longer than asked a socket timeout may be left as it is (see _set_timeout).
-TIMEOUT_SLACK = 0.05
 #: How many distinct one-line replies are kept parsed (see _buffered_reply).
 REPLY_CACHE_SIZE = 512
 #: Default per-reply wait [RFC 5321 §4.5.3.2].
@@ -125,6 +123,10 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
+
+
+class _Expired(Exception):
+    """_Expired is thrown into a greenlet whose wait outlasted its timer (see SMTPConnection._arm)."""
 
 
 class AddressConversionError(ValueError):
@@ -241,8 +243,11 @@ class SMTPConnection:
         logger: Logger | None = None,
     ) -> None:
         self._sock: Any = sock
-        #: The timeout last given to the socket (see _set_timeout); None: not known.
-        self._sock_timeout: float | None = None
+        # Waits are bounded by this connection's own timers (see _arm), not by socket
+        # timeouts: gevent would make a Timeout object for every wait.
+        sock.settimeout(None)
+        #: Deadline timers by duration, for the command and submission timeouts.
+        self._timers: dict[float, Any] = {}
         self.log = logger or Logger("smtp/client")
         self._rbuf = bytearray()
         #: MX host name (with trailing dot) used in error messages and as default SNI.
@@ -398,10 +403,10 @@ class SMTPConnection:
             raise TLSHandshakeError("handshake", str(e), remote_server=self.remote_server) from e
         # The plain socket is detached into tls_sock from here on.
         self._sock = tls_sock
-        self._sock_timeout = None
         try:
-            self._set_timeout(self.command_timeout)
+            tls_sock.settimeout(self.command_timeout)
             tls_sock.do_handshake()
+            tls_sock.settimeout(None)  # later waits have their timers (see _arm)
         except ssl.SSLCertVerificationError as e:
             self._close_socket()
             self._mark_broken("TLS verify error")
@@ -829,42 +834,41 @@ class SMTPConnection:
             raise NetworkError(f"connection unusable: {self.broken_reason or 'closed'}",
                                remote_server=self.remote_server)
 
-    def _set_timeout(self, timeout: float) -> None:
-        """_set_timeout bounds the socket's next blocking call by *timeout*.
-
-        The socket keeps a timeout already in [timeout, timeout + TIMEOUT_SLACK]: a reply
-        read right after a write with the same bound would otherwise set it again for a
-        difference of microseconds.
-        """
-        current = self._sock_timeout
-        if current is None or not timeout <= current <= timeout + TIMEOUT_SLACK:
-            self._sock.settimeout(timeout)
-            self._sock_timeout = timeout
+    def _arm(self, timeout: float) -> Any:
+        """_arm starts a timer that, after *timeout* seconds, throws :class:`_Expired` into
+        the calling greenlet; the caller stops it when its wait is over. The timers of the
+        command and submission timeouts are kept for the next waits."""
+        timer = self._timers.get(timeout)
+        if timer is None:
+            timer = gevent.get_hub().loop.timer(timeout)
+            if timeout == self.command_timeout or timeout == self.submission_timeout:
+                self._timers[timeout] = timer
+        timer.start(gevent.getcurrent().throw, _Expired)
+        return timer
 
     def _send(self, data: bytes | memoryview, timeout: float, what: str = "command") -> None:
         if self.broken or self._sock is None:
             self._check_usable()
+        timer = self._arm(timeout)
         try:
-            self._set_timeout(timeout)
             # one send() takes a command or a small message whole; sendall() (which asks
             # the kernel for the buffer size first) is only needed for what is left
             sent = self._sock.send(data)
             if sent < len(data):
                 self._sock.sendall(memoryview(data)[sent:])
-        except TimeoutError as e:
-            raise self._fail(f"timeout writing {what}") from e
+        except (_Expired, TimeoutError):
+            raise self._fail(f"timeout writing {what}") from None
         except (OSError, ValueError) as e:
             raise self._fail(f"write error ({what}): {e}") from e
+        finally:
+            timer.stop()
 
-    def _fill(self, deadline: float, what: str) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._fail(f"timeout waiting for {what} reply")
+    def _fill(self, what: str) -> None:
+        """_fill reads what has arrived, waiting for it; the caller's timer bounds the wait."""
         try:
-            self._set_timeout(remaining)
             chunk = self._sock.recv(4096)
-        except TimeoutError as e:
-            raise self._fail(f"timeout waiting for {what} reply") from e
+        except (_Expired, TimeoutError):
+            raise self._fail(f"timeout waiting for {what} reply") from None
         except (OSError, ValueError) as e:
             raise self._fail(f"read error ({what}): {e}") from e
         if not chunk:
@@ -899,7 +903,7 @@ class SMTPConnection:
         self.last_used = self._clock()
         return reply
 
-    def _read_line(self, deadline: float, what: str) -> bytes:
+    def _read_line(self, what: str) -> bytes:
         while True:
             idx = self._rbuf.find(b"\n")
             if idx >= 0:
@@ -912,28 +916,36 @@ class SMTPConnection:
                 return line
             if len(self._rbuf) > MAX_LINE_LENGTH + 1:
                 raise self._fail(f"reply line too long ({what})")
-            self._fill(deadline, what)
+            self._fill(what)
 
     def _read_reply(self, timeout: float, what: str) -> Reply:
         """Read one reply; the whole reply must arrive within *timeout*."""
         if self.broken or self._sock is None:
             self._check_usable()
-        deadline = 0.0
-        if not self._rbuf:
-            # the usual wait: the reply has not arrived; once it has, it is most often one
-            # line that the fast path takes whole
-            deadline = time.monotonic() + timeout
-            self._fill(deadline, what)
-        fast = self._buffered_reply()
-        if fast is not None:
-            return fast
-        if not deadline:
-            deadline = time.monotonic() + timeout
+        if self._rbuf:
+            fast = self._buffered_reply()
+            if fast is not None:
+                return fast
+        timer = self._arm(timeout)  # one timer for the whole reply, however many reads
+        try:
+            if not self._rbuf:
+                # the usual wait: the reply has not arrived; once it has, it is most often
+                # one line that the fast path takes whole
+                self._fill(what)
+                fast = self._buffered_reply()
+                if fast is not None:
+                    return fast
+            return self._read_lines(what)
+        finally:
+            timer.stop()
+
+    def _read_lines(self, what: str) -> Reply:
+        """_read_lines reads a reply line by line (multi-line, split, or malformed ones)."""
         code: int | None = None
         texts: list[str] = []
         total = 0
         while True:
-            raw = self._read_line(deadline, what)
+            raw = self._read_line(what)
             total += len(raw) + 2
             head = raw[:3]
             sep = raw[3:4]
@@ -961,12 +973,12 @@ class SMTPConnection:
         return Reply(code, enhanced, text, tuple(texts))
 
 
-# a complete one-line reply: code, text, and the enhanced code that may start the text
-# (the same rule as codes.parse_enhanced: N.N.N followed by a space or the end of the line)
 #: One-line replies already parsed, by their bytes, shared by every connection: servers
 #: repeat the same few (``250 2.1.0 Ok``) on every transaction, and a Reply is immutable.
 _REPLIES: dict[bytes, Reply] = {}
 
+# a complete one-line reply: code, text, and the enhanced code that may start the text
+# (the same rule as codes.parse_enhanced: N.N.N followed by a space or the end of the line)
 _FAST_REPLY = re.compile(rb"([2-5][0-5][0-9]) ((?:([245])\.(\d{1,3})\.(\d{1,3})(?= |\r?\n))?[^\r\n]*)\r?\n")
 
 

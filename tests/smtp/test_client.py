@@ -1164,17 +1164,33 @@ def test_a_partial_send_is_completed_with_sendall() -> None:
     assert sock.sent == [b"MAIL", b" FROM:<a@example.com>\r\n"]
 
 
-def test_the_socket_timeout_is_set_again_only_when_it_changes_b102_b103() -> None:
-    """B-102, B-103: commands are bounded by the command timeout and the reply to the
-    content by the submission timeout; the socket's timeout is only set when the bound
-    changes by more than TIMEOUT_SLACK."""
-    replies = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
-    sock = ChunkSocket([replies, b"354 go\r\n", b"250 2.0.0 queued\r\n", replies])
-    conn = SMTPConnection(sock, remote_server=MX, command_timeout=30.0, submission_timeout=600.0)
-    conn.extensions["PIPELINING"] = ""
-    conn.mail_rcpts("a@example.com", None, ["b@example.test"])
-    conn.data(b"Subject: x\r\n\r\nhi\r\n")
-    conn.mail_rcpts("a@example.com", None, ["b@example.test"])
-    # 30 for the envelope, the DATA command and the content; about 600 for the final
-    # reply; 30 again for the next envelope
-    assert [round(t or 0) for t in sock.timeouts] == [30, 600, 30]
+def test_one_bound_covers_a_whole_reply_however_slowly_it_drips_b102(raw_server: Any) -> None:
+    """B-102: the command timeout bounds the whole reply, not each read: a server that
+    sends one more line of a multi-line reply every 0.1 s is cut off at the bound."""
+    def handler(sock: Any) -> None:
+        sock.sendall(b"220 mx\r\n")
+        sock.recv(4096)
+        sock.sendall(b"250 mx\r\n")
+        sock.recv(4096)
+        for _ in range(100):
+            sock.sendall(b"250-still going\r\n")
+            gevent.sleep(0.1)
+
+    conn = open_session(raw_server(handler), command_timeout=0.35)
+    start = time.monotonic()
+    with pytest.raises(NetworkError) as e:
+        conn.mail("a@example.com")
+    assert "timeout" in e.value.reason and e.value.temporary
+    assert 0.3 < elapsed_since(start) < 1.0
+
+
+def test_a_bound_ends_with_its_wait_b102(smtp_server: Any) -> None:
+    """B-102: the bound of a command that was answered in time ends with it: the
+    connection can stay idle longer than the command timeout and be used again."""
+    srv = smtp_server()
+    conn = open_session(srv.port, command_timeout=0.2)
+    conn.mail("a@example.com")
+    conn.rset()
+    gevent.sleep(0.5)
+    assert conn.mail("b@example.com").code == 250
+    conn.quit()
