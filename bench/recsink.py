@@ -27,6 +27,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 SETTLE = 0.005
 HOLD = 0.01
@@ -58,29 +59,11 @@ class Handler(socketserver.BaseRequestHandler):
             if not chunk:
                 return
             buf += chunk
-            sock.settimeout(SETTLE)
-            while True:  # the rest of this flight
-                try:
-                    more = sock.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    break
-                except OSError:
-                    return
-                if not more:
-                    break
-                buf += more
-            hold_until = time.monotonic() + HOLD
-            while (left := hold_until - time.monotonic()) > 0:  # what comes while the answer is held
-                sock.settimeout(left)
-                try:
-                    more = sock.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    break
-                except OSError:
-                    return
-                if not more:
-                    break
-                buf += more
+            more = _read_on(sock, lambda: SETTLE)  # the rest of this flight
+            later = _read_on(sock, _until(time.monotonic() + HOLD))  # sent while the answer is held
+            if more is None or later is None:
+                return
+            buf += more + later
             replies: list[bytes] = []
             verbs: list[str] = []
             quit_seen = False
@@ -135,6 +118,28 @@ class Handler(socketserver.BaseRequestHandler):
                     return
             if quit_seen:
                 return
+
+
+def _until(deadline: float) -> Callable[[], float]:
+    return lambda: deadline - time.monotonic()
+
+
+def _read_on(sock: socket.socket, window: Callable[[], float]) -> bytes | None:
+    """_read_on reads what arrives while each next piece comes within window() seconds;
+    None when the connection failed."""
+    got = b""
+    while (left := window()) > 0:
+        sock.settimeout(left)
+        try:
+            more = sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            break
+        except OSError:
+            return None
+        if not more:
+            break
+        got += more
+    return got
 
 
 class Server(socketserver.ThreadingTCPServer):
