@@ -96,6 +96,10 @@ def is_loopback(address: str) -> bool:
     return ip in _LOOPBACK_V4
 
 
+class _Abandoned(Exception):
+    """_Abandoned tells the callers waiting for a shared question that its asker was stopped."""
+
+
 class DNSError(Exception):
     """DNSError is a failed lookup: ``kind``, ``temporary``, the name and the rcode text.
 
@@ -450,12 +454,17 @@ class Resolver:
             except gevent.Timeout:
                 raise DNSError("timeout", f"dns: timeout when looking up {name}", name=name,
                                rdtype=rdtype) from None
+            except _Abandoned:  # the caller that asked was stopped: ask for ourselves
+                return self._lookup(name, rdtype, lifetime)
         ev: gevent.event.AsyncResult = gevent.event.AsyncResult()
         self._inflight[key] = ev
         try:
             res = self._lookup_uncached(name, rdtype, lifetime)
         except Exception as e:
             ev.set_exception(e)
+            raise
+        except BaseException:
+            ev.set_exception(_Abandoned())  # killed: the callers waiting for it ask again at once
             raise
         finally:
             self._inflight.pop(key, None)

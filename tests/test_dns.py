@@ -675,3 +675,25 @@ def test_address_lookups_spawn_greenlets_only_for_new_questions(world: FakeDNS, 
     uncached = resolver_for(world)
     uncached.lookup_addrs("mx.example.test")
     assert len(started) == 2  # without a cache, one greenlet per lookup as before
+
+
+def test_a_stopped_asker_does_not_leave_the_callers_sharing_its_question_waiting(world: FakeDNS) -> None:
+    """Callers that share a question on the wire are not left waiting when the caller that
+    asked it is stopped (its greenlet killed, as a delivery's discovery is when nobody needs
+    it any more): they ask again at once, instead of failing when their budget runs out."""
+    import gevent
+
+    world.add("example.test.", "MX", "10 mx.example.test.")
+    world.drop.add("example.test.")  # the first question goes unanswered
+    r = resolver_for(world, cache_max_ttl=300, timeout=5.0, lifetime=5.0)
+    asker = gevent.spawn(r.lookup_mx, "example.test")
+    gevent.sleep(0.05)
+    sharer = gevent.spawn(r.lookup_mx, "example.test")
+    gevent.sleep(0.05)
+    assert len(world.queries) == 1  # the sharer waits for the asker's question
+    world.drop.clear()
+    start = time.monotonic()
+    asker.kill()
+    answer = sharer.get(timeout=3)
+    assert [h for _, h in answer.records] == ["mx.example.test."]
+    assert time.monotonic() - start < 1.0 and len(world.queries) == 2

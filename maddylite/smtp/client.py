@@ -1057,8 +1057,6 @@ def _dial(
     candidates = _interleave(candidates)
 
     deadline = time.monotonic() + timeout
-    results: gevent.queue.Queue = gevent.queue.Queue()
-    winner: Any = None
 
     def connect(family: int, ip: str) -> tuple[bool, Any]:
         """One attempt: (True, socket) or (False, reason)."""
@@ -1087,6 +1085,10 @@ def _dial(
             return value
         raise NetworkError("connect timeout" if value.endswith(": timeout") else value,
                            remote_server=remote_server)
+
+    # Several addresses race (Happy Eyeballs): each attempt in a greenlet of its own.
+    results: gevent.queue.Queue = gevent.queue.Queue()
+    winner: Any = None
 
     def attempt(family: int, ip: str) -> None:
         results.put(connect(family, ip))
