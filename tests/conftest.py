@@ -19,25 +19,26 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def _register_harness() -> None:
-    """Make ``import harness`` work without putting tests/ on sys.path.
+def _register(name: str, path: Path, package: bool) -> None:
+    """Make ``import <name>`` (the harness, the shared test helpers) work without putting
+    tests/ on sys.path.
 
     Putting tests/ on sys.path would make its mirror folders (tests/modules, ...)
     importable as top-level packages and hide packaging mistakes.
     """
-    init = TESTS / "harness" / "__init__.py"
-    if "harness" in sys.modules or not init.exists():
+    if name in sys.modules or not path.exists():
         return
     spec = importlib.util.spec_from_file_location(
-        "harness", init, submodule_search_locations=[str(init.parent)]
+        name, path, submodule_search_locations=[str(path.parent)] if package else None
     )
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["harness"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
 
 
-_register_harness()
+_register("harness", TESTS / "harness" / "__init__.py", package=True)
+_register("smtpstream", TESTS / "smtpstream.py", package=False)
 
 
 @pytest.fixture

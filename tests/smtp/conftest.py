@@ -19,6 +19,7 @@ import gevent
 import gevent.ssl
 import pytest
 from gevent.server import StreamServer
+from smtpstream import CommandStream, ehlo_reply, hooked_reply
 
 from maddylite.log import Logger
 
@@ -96,18 +97,10 @@ class FakeSMTPServer:
         exts = self.tls_extensions if tls else self.extensions
         if self.tls_context is not None and not tls:
             exts = (*exts, "STARTTLS")
-        lines = ["mx.example.test greets you", *exts]
-        out = [f"250-{ln}" for ln in lines[:-1]] + [f"250 {lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode()
+        return ehlo_reply("mx.example.test greets you", exts)
 
     def _reply(self, s: Session, verb: str, line: str, default: bytes) -> Any:
-        hook = self.replies.get(verb)
-        if hook is None:
-            return default
-        if callable(hook):
-            value = hook(s, line)
-            return default if value is None else value
-        return hook
+        return hooked_reply(self.replies, s, verb, line, default)
 
     def _handle(self, sock: Any, addr: tuple[str, int]) -> None:
         s = Session(peer=(addr[0], addr[1]))
@@ -126,66 +119,41 @@ class FakeSMTPServer:
             return
         if greeting:
             sock.sendall(greeting)
-        buf = b""
-        in_data = False
-        body = b""
-        chunk_left: int | None = None  # bytes of a BDAT chunk still to come
-        chunk_last = False
+        stream = CommandStream()
+        body = b""  # the BDAT chunks of the message so far
         while True:
             chunk = sock.recv(65536)
             if not chunk:
                 return
-            buf += chunk
+            stream.feed(chunk)
             out: list[bytes] = []
             turn: list[str] = []
             starttls = False
-            while True:
-                if chunk_left is not None:  # inside a BDAT chunk (possibly an empty one)
-                    take = buf[:chunk_left]
-                    body += take
-                    buf = buf[len(take):]
-                    chunk_left -= len(take)
-                    if chunk_left:
-                        break
-                    chunk_left = None
-                    r = self._end_chunk(s, turn, chunk_last, body)
-                    body = b"" if chunk_last else body
+            while (item := stream.next()) is not None:
+                kind, value = item
+                if kind == "chunk":
+                    data, last = value
+                    body += data
+                    r = self._end_chunk(s, turn, last, body)
+                    body = b"" if last else body
                     if r is CLOSE:
                         return
                     out.append(r)
                     continue
-                if in_data:
-                    body += buf
-                    buf = b""
-                    if body.startswith(b".\r\n"):
-                        raw, buf = b"", body[3:]
-                    else:
-                        idx = body.find(b"\r\n.\r\n")
-                        if idx < 0:
-                            break
-                        raw, buf = body[: idx + 2], body[idx + 5 :]
-                    body = b""
-                    in_data = False
-                    msg = raw.replace(b"\r\n..", b"\r\n.")
-                    if msg.startswith(b".."):
-                        msg = msg[1:]
-                    s.messages.append(msg)
+                if kind == "message":
+                    s.messages.append(value)
                     turn.append("<body>")
                     r = self._reply(s, "DOT", "", b"250 2.0.0 OK queued\r\n")
                     if r is CLOSE:
                         return
                     out.append(r)
                     continue
-                if b"\n" not in buf:
-                    break
-                raw_line, buf = buf.split(b"\n", 1)
-                line = raw_line.rstrip(b"\r").decode("utf-8", "replace")
+                line = value
                 s.commands.append(line)
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                 turn.append(verb)
                 if verb == "BDAT":  # the reply comes after the chunk [RFC 3030]
-                    size, _, last = line[5:].partition(" ")
-                    chunk_left, chunk_last = int(size), last.upper() == "LAST"
+                    stream.start_chunk(line)
                     continue
                 reply = self._default(s, verb, line)
                 reply = self._reply(s, verb, line, reply)
@@ -195,7 +163,7 @@ class FakeSMTPServer:
                     return
                 out.append(reply)
                 if verb == "DATA" and reply.startswith(b"354"):
-                    in_data = True
+                    stream.start_data()
                 if verb == "STARTTLS" and reply.startswith(b"220"):
                     starttls = True
                     break

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gevent.server import StreamServer
+from smtpstream import CommandStream, ehlo_reply, hooked_reply
 
 import maddylite.log
 from maddylite import dns as mdns
@@ -351,18 +352,10 @@ class FakeMX:
         exts = list(self.tls_extensions if tls else self.extensions)
         if self.tls is not None and not tls:
             exts.append("STARTTLS")
-        lines = ["mx.example.test greets mx.sender.test", *exts]
-        out = [f"250-{ln}" for ln in lines[:-1]] + [f"250 {lines[-1]}"]
-        return ("\r\n".join(out) + "\r\n").encode()
+        return ehlo_reply("mx.example.test greets mx.sender.test", exts)
 
     def _reply(self, s: Session, verb: str, line: str, default: bytes) -> Any:
-        hook = self.replies.get(verb)
-        if hook is None:
-            return default
-        if callable(hook):
-            value = hook(s, line)
-            return default if value is None else value
-        return hook
+        return hooked_reply(self.replies, s, verb, line, default)
 
     def _handle(self, sock: Any, addr: Any) -> None:
         s = Session(self, len(self.sessions), (addr[0], addr[1]), sock)
@@ -388,80 +381,45 @@ class FakeMX:
             return
         if greeting:
             s.sock.sendall(greeting)
-        buf = b""
-        in_data = False
-        body = b""
+        stream = CommandStream()
+        body = b""  # the BDAT chunks of the message so far
         nread = 0
-        chunk_left: int | None = None  # bytes of a BDAT chunk still to come
-        chunk_last = False
         while True:
             chunk = s.sock.recv(65536)
             if not chunk:
                 s.client_closed = True
                 return
-            buf += chunk
+            stream.feed(chunk)
             nread += 1
             out: list[bytes] = []
             starttls = False
-            while True:
-                if chunk_left is not None:  # [RFC 3030]: the reply follows the whole chunk
-                    take = buf[:chunk_left]
-                    body, buf, chunk_left = body + take, buf[len(take):], chunk_left - len(take)
-                    if chunk_left:
-                        break
-                    chunk_left = None
-                    s.commands.append("<chunk>")
+            while (item := stream.next()) is not None:
+                kind, value = item
+                if kind in ("chunk", "message"):
+                    s.commands.append("<chunk>" if kind == "chunk" else "<body>")
                     s.times.append(time.monotonic())
                     s.batches.append(nread)
-                    r = self._reply(s, "BDAT", "", b"250 2.0.0 OK queued\r\n")
+                    last = kind == "message" or value[1]
+                    if kind == "chunk":
+                        body += value[0]
+                    r = self._reply(s, "BDAT" if kind == "chunk" else "DOT", "", b"250 2.0.0 OK queued\r\n")
                     if r is CLOSE:
                         return
-                    if s.tx is not None and chunk_last:
-                        s.tx["data"] = body
+                    if s.tx is not None and last:
+                        s.tx["data"] = body if kind == "chunk" else value
                         s.tx["accepted"] = r.startswith(b"250")
                         s.tx = None
-                    if chunk_last or not r.startswith(b"250"):
+                    if last or not r.startswith(b"250"):
                         body = b""
                     out.append(r)
                     continue
-                if in_data:
-                    body += buf
-                    buf = b""
-                    if body.startswith(b".\r\n"):
-                        raw, buf = b"", body[3:]
-                    else:
-                        idx = body.find(b"\r\n.\r\n")
-                        if idx < 0:
-                            break
-                        raw, buf = body[: idx + 2], body[idx + 5:]
-                    body = b""
-                    in_data = False
-                    msg = raw.replace(b"\r\n..", b"\r\n.")
-                    if msg.startswith(b".."):
-                        msg = msg[1:]
-                    s.commands.append("<body>")
-                    s.times.append(time.monotonic())
-                    s.batches.append(nread)
-                    r = self._reply(s, "DOT", "", b"250 2.0.0 OK queued\r\n")
-                    if r is CLOSE:
-                        return
-                    if s.tx is not None:
-                        s.tx["data"] = msg
-                        s.tx["accepted"] = r.startswith(b"250")
-                        s.tx = None
-                    out.append(r)
-                    continue
-                if b"\n" not in buf:
-                    break
-                raw_line, buf = buf.split(b"\n", 1)
-                line = raw_line.rstrip(b"\r").decode("utf-8", "replace")
+                line = value
                 s.commands.append(line)
                 s.times.append(time.monotonic())
                 s.batches.append(nread)
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                 if verb == "BDAT" and "CHUNKING" in self.extensions:
-                    size, _, last = line[5:].partition(" ")
-                    chunk_left, chunk_last = int(size), last.strip().upper() == "LAST"
+                    stream.start_chunk(line)  # [RFC 3030]: the reply follows the whole chunk
                     continue
                 reply = self._reply(s, verb, line, self._default(s, verb, line))
                 if reply is CLOSE:
@@ -471,7 +429,7 @@ class FakeMX:
                 self._track(s, verb, line, reply)
                 out.append(reply)
                 if verb == "DATA" and reply.startswith(b"354"):
-                    in_data = True
+                    stream.start_data()
                 if verb == "STARTTLS" and reply.startswith(b"220"):
                     starttls = True
                     break
