@@ -96,6 +96,8 @@ class _Idle:
     mx_level: MXLevel
     tls_level: TLSLevel
     parked: float
+    #: The MX as the connection was judged; it describes the connection's next uses too.
+    cand: MXCandidate | None = None
 
 
 class ConnPool:
@@ -452,7 +454,8 @@ class RemoteDelivery:
         if use_pool and not self.meta.requiretls:  # REQUIRETLS never uses the pool (B-68)
             idle = self.t.pool.take(key)
             if idle is not None:
-                cand = MXCandidate(dc.domain, idle.mx_host, 0, mx_level=idle.mx_level, tls_level=idle.tls_level, conn=idle.conn)
+                cand = idle.cand or MXCandidate(dc.domain, idle.mx_host, 0, mx_level=idle.mx_level,
+                                                tls_level=idle.tls_level, conn=idle.conn)
                 self.log.info("reusing cached connection", domain=dc.domain, transactions_counter=idle.conn.transactions,
                               local_addr=f"{idle.conn.local_address[0]}:{idle.conn.local_address[1]}",
                               remote_addr=f"{idle.conn.remote_address[0]}:{idle.conn.remote_address[1]}")
@@ -760,7 +763,7 @@ class RemoteDelivery:
                 continue
             cand = dc.cand
             assert cand is not None
-            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0))
+            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0, cand))
         for p in self._policies or ():
             p.close()
         if t.limits is not None:
