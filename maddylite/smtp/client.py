@@ -528,7 +528,7 @@ class SMTPConnection:
         mail_result: Reply | SMTPError | None = None
         closing: SMTPError | None = None
         for start in range(0, len(batch), PIPELINE_WINDOW):
-            window = batch[start : start + PIPELINE_WINDOW] if start or len(batch) > PIPELINE_WINDOW else batch
+            window = batch if len(batch) <= PIPELINE_WINDOW else batch[start : start + PIPELINE_WINDOW]
             if isinstance(mail_result, SMTPError) or closing is not None:
                 break  # MAIL failed or the server is closing: the rest is not sent.
             if start == 0:  # MAIL is in the first window (after at most one RSET)
