@@ -195,3 +195,78 @@ def test_content_sent_with_bdat_to_postfix_B_95(harness, deliver):
     assert int(bdat[0].split()[1]) > 150_000
     assert "DATA" not in commands
     assert commands.index(bdat[0]) > max(i for i, c in enumerate(commands) if c.startswith("RCPT"))
+
+
+_DELIVER_TWICE = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time
+from maddylite.config.parser import parse_string
+from maddylite.interfaces import MsgMetadata
+from maddylite.modules.target.remote import RemoteTarget
+from maddylite.runtime import ConfigSource, Runtime
+
+port, workdir, domain = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+RemoteTarget.smtp_port = port  # the delaying sink listens on the MX's address, another port
+conf = f"state_dir {workdir}/state\\nhostname mx.sender.test\\ntarget.remote r {{\\n conn_reuse_limit 10\\n}}\\n"
+rt = Runtime(ConfigSource(workdir + "/twice.conf"))
+rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/twice.conf"))
+for m in rt.modules:
+    m.start()
+target = next(m for m in rt.modules if m.mod_name == "target.remote")
+took = []
+for i in range(2):
+    start = time.monotonic()
+    d = target.start_delivery(MsgMetadata(id=f"m{i}"), "sender@sender.test")
+    d.add_rcpt(f"r{i}@{domain}")
+    d.body(b"Subject: delayed\\r\\n", b"hello\\r\\n")
+    d.commit()
+    took.append(time.monotonic() - start)
+print(json.dumps(took))
+"""
+
+
+def _free_port(addr):
+    import socket
+
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _listening(addr, port):
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((addr, port)) == 0
+
+
+def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harness, workdir):
+    """B-62, B-60 against smtp-sink (Postfix's test server): with ``-W .:1`` it waits a
+    second before answering the end of data, and meanwhile answers whatever the client
+    sent behind it, out of order. Nothing may follow the content before its reply: each of
+    two deliveries over one reused connection takes its second (a RSET pipelined after the
+    content would have had its 250 taken for the message's at once)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    addr = str(harness.host("mx.bench.test").ipv4)
+    domain = harness.bench_domains()[0]
+    port = harness.ns_call(_free_port, addr)
+    sink = harness.ns_popen(["smtp-sink", "-u", "nobody", "-h", "sink.test", "-W", ".:1", f"{addr}:{port}", "100"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not harness.ns_call(_listening, addr, port):
+            assert sink.poll() is None and time.monotonic() < deadline, "smtp-sink did not start"
+            time.sleep(0.05)
+        p = harness.ns_run([sys.executable, "-c", _DELIVER_TWICE, str(port), str(workdir), domain], timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        took = json.loads(p.stdout.strip().splitlines()[-1])
+        assert len(took) == 2 and all(t >= 0.9 for t in took), took
+    finally:
+        sink.terminate()
+        sink.wait(10)
