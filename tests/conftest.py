@@ -42,6 +42,23 @@ _register("smtpstream", TESTS / "smtpstream.py", package=False)
 
 
 @pytest.fixture
+def greenlet_starts(monkeypatch):
+    """greenlet_starts lists the names of the greenlets started through ``gevent.Greenlet``
+    (as the code under test makes its own) from here to the end of the test."""
+    import gevent
+
+    started: list[str] = []
+
+    class Counting(gevent.Greenlet):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(gevent, "Greenlet", Counting)
+    return started
+
+
+@pytest.fixture
 def free_port() -> int:
     """free_port returns a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

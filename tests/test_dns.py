@@ -649,22 +649,13 @@ def test_cache_answers_for_the_ttl_and_shares_concurrent_queries(world: FakeDNS)
     assert len(world.queries) - before == 2  # one A and one AAAA query for 20 callers
 
 
-def test_address_lookups_spawn_greenlets_only_for_new_questions(world: FakeDNS, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_address_lookups_spawn_greenlets_only_for_new_questions(world: FakeDNS, greenlet_starts: list[str]) -> None:
     """lookup_addrs asks A and AAAA in parallel, but answers from the cache and questions
     another caller already asked take no greenlet of their own: many deliveries to one
     domain at once cost memory for the distinct questions only."""
     import gevent
 
-    import maddylite.dns as mdns
-
-    started: list[str] = []
-
-    class Counting(gevent.Greenlet):
-        def start(self) -> None:
-            started.append(self.name)
-            super().start()
-
-    monkeypatch.setattr(mdns.gevent, "Greenlet", Counting)
+    started = greenlet_starts
     r = resolver_for(world, cache_max_ttl=300)
     callers = [gevent.spawn(r.lookup_addrs, "mx.example.test") for _ in range(20)]
     gevent.joinall(callers, raise_error=True)

@@ -5,7 +5,7 @@ import time
 from maddylite.modules.mx_auth.mtasts import CachedPolicy, Policy
 from maddylite.modules.target.remote import _Idle
 
-from maddylite.policy import MXLevel, TLSLevel
+from maddylite.policy import MXCandidate
 from maddylite.smtp.errors import SMTPError
 
 CONF = "hostname h\nmx_auth p {{\n mtasts {{\n  cache {cache}\n }}\n}}\nlimits l {{\n all concurrency 1\n}}\ntarget.remote r {{\n mx_auth &p\n limits &l\n}}\n"
@@ -27,7 +27,7 @@ def test_new_remote_has_empty_pool_old_idle_connections_get_quit_E_8(build_confi
     """E-8: the new target.remote starts with an empty pool; the old one QUITs its idle connections."""
     old = build_config(CONF.format(cache="ram")).instance("r")
     conn = FakeConn()
-    old.pool.put(old.pool_key("example.test", False), _Idle(conn, "mx.example.test.", MXLevel.NONE, TLSLevel.NONE, 0))
+    old.pool.put(old.pool_key("example.test", False), _Idle(conn, MXCandidate("example.test", "mx.example.test.", 10, conn=conn)))
     new = build_config(CONF.format(cache="ram")).instance("r")
     assert old.pool.count() == 1 and new.pool.count() == 0
     old.stop(1)

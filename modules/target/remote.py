@@ -91,13 +91,12 @@ def _msg_8bit(header: bytes, body: bytes) -> bool:
 
 @dataclass
 class _Idle:
+    """_Idle is a parked connection and the MX as it was judged (host, MX and TLS level);
+    the judgement holds for the connection's next uses too."""
+
     conn: SMTPConnection
-    mx_host: str
-    mx_level: MXLevel
-    tls_level: TLSLevel
-    parked: float
-    #: The MX as the connection was judged; it describes the connection's next uses too.
-    cand: MXCandidate | None = None
+    cand: MXCandidate
+    parked: float = 0.0
 
 
 class ConnPool:
@@ -454,8 +453,7 @@ class RemoteDelivery:
         if use_pool and not self.meta.requiretls:  # REQUIRETLS never uses the pool (B-68)
             idle = self.t.pool.take(key)
             if idle is not None:
-                cand = idle.cand or MXCandidate(dc.domain, idle.mx_host, 0, mx_level=idle.mx_level,
-                                                tls_level=idle.tls_level, conn=idle.conn)
+                cand = idle.cand
                 self.log.info("reusing cached connection", domain=dc.domain, transactions_counter=idle.conn.transactions,
                               local_addr=f"{idle.conn.local_address[0]}:{idle.conn.local_address[1]}",
                               remote_addr=f"{idle.conn.remote_address[0]}:{idle.conn.remote_address[1]}")
@@ -763,7 +761,7 @@ class RemoteDelivery:
                 continue
             cand = dc.cand
             assert cand is not None
-            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand.host, cand.mx_level, cand.tls_level, 0.0, cand))
+            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand))
         for p in self._policies or ():
             p.close()
         if t.limits is not None:

@@ -1011,20 +1011,11 @@ def test_utf8_addresses_are_sent_unchanged_b85(smtp_server: Any) -> None:
 
 
 def test_single_address_connects_without_a_greenlet_b111(smtp_server: Any, free_port: int,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         greenlet_starts: list[str]) -> None:
     """B-111: with one address there is no race to run, so the connection is made in the
     caller's greenlet (a greenlet per connection costs memory with many in flight); the
     errors are the same as with several addresses."""
-    import maddylite.smtp.client as mclient
-
-    started: list[str] = []
-
-    class Counting(gevent.Greenlet):
-        def start(self) -> None:
-            started.append(self.name)
-            super().start()
-
-    monkeypatch.setattr(mclient.gevent, "Greenlet", Counting)
+    started = greenlet_starts
     srv = smtp_server()
     conn = open_session(srv.port)
     conn.quit()
@@ -1033,6 +1024,9 @@ def test_single_address_connects_without_a_greenlet_b111(smtp_server: Any, free_
         SMTPConnection.connect(["127.0.0.1"], free_port, timeout=2.0, remote_server=MX)
     assert e.value.fields["reason"] == f"connect 127.0.0.1 port {free_port}: Connection refused"
     assert e.value.temporary and started == []
+    # several addresses race, each attempt in a greenlet of its own (the count works)
+    SMTPConnection.connect(["127.0.0.1", "127.0.0.2"], srv.port, timeout=2.0, remote_server=MX).close()
+    assert started == ["smtp-dial 127.0.0.1"]
 
 
 @pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
