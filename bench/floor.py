@@ -4,10 +4,13 @@ A delivery waiting for a reply is a greenlet blocked in a gevent socket's recv. 
 measures what that alone costs: N greenlets, each blocked in recv on its own socket pair
 (made before the first measurement), and the growth of the resident set size divided by
 N. It also measures N bare greenlets (the greenlet library alone, no gevent, no socket),
-each switched out in its first Python call: the least any greenlet costs. Prints one JSON
-line: ``{"n": N, "kb_per_greenlet": ..., "kb_per_bare_greenlet": ...}``. bench/stall.py
-quotes them next to the memory goal, as the part no change to maddylite's own code can
-remove.
+each switched out in its first Python call: the least any greenlet that runs Python code
+costs. And N greenlets whose code is a C function (they switch out before any Python
+frame exists): the difference is the frame stack CPython 3.11 gives each greenlet that
+runs Python code (a chunk of its own, of which at least one 4 KB page is resident).
+Prints one JSON line: ``{"n": N, "kb_per_greenlet": ..., "kb_per_bare_greenlet": ...,
+"kb_per_greenlet_without_python_frames": ...}``. bench/stall.py quotes them next to the
+memory goal, as the part no change to maddylite's own code can remove.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def _rss_kb() -> int:
 
 
 def main(n: int) -> None:
-    bare_kb, bare = _bare(n)  # first, and kept: freed memory would be reused below
+    c_kb, c_only = _c_only(n)  # first, and kept: freed memory would be reused below
+    bare_kb, bare = _bare(n)
     pairs = [socket.socketpair() for _ in range(n)]
     socks = [gevent.socket.socket(fileno=a.detach()) for a, _ in pairs]
     gevent.sleep(0)
@@ -46,8 +50,9 @@ def main(n: int) -> None:
     for _, b in pairs:
         b.sendall(b"x")
     gevent.joinall(greenlets, timeout=10)
-    print(json.dumps({"n": n, "kb_per_greenlet": (after - before) / n, "kb_per_bare_greenlet": bare_kb}))
-    del bare
+    print(json.dumps({"n": n, "kb_per_greenlet": (after - before) / n, "kb_per_bare_greenlet": bare_kb,
+                      "kb_per_greenlet_without_python_frames": c_kb}))
+    del bare, c_only
 
 
 def _bare(n: int) -> tuple[float, list[greenlet.greenlet]]:
@@ -63,6 +68,17 @@ def _bare(n: int) -> tuple[float, list[greenlet.greenlet]]:
     for g in bare:
         g.switch()
     return (_rss_kb() - before) / n, bare
+
+
+def _c_only(n: int) -> tuple[float, list[greenlet.greenlet]]:
+    """_c_only: the RSS of one greenlet whose code is a C function (the main greenlet's
+    switch, so it parks at once without running any Python code), and the greenlets."""
+    main = greenlet.getcurrent()
+    parked = [greenlet.greenlet(main.switch) for _ in range(n)]
+    before = _rss_kb()
+    for g in parked:
+        g.switch()
+    return (_rss_kb() - before) / n, parked
 
 
 if __name__ == "__main__":

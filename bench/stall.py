@@ -56,10 +56,12 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
         notes = [f"idle RSS {statistics.median(idle):.0f} MB, {per:.0f} KB more per delivery in progress"]
         floor = _greenlet_floor_kb()
         if floor is not None:
-            recv_kb, bare_kb = floor
+            recv_kb, bare_kb, c_kb = floor
             notes.append(f"a greenlet blocked in a gevent recv alone costs {recv_kb:.1f} KB, a bare greenlet "
-                         f"parked in one Python call {bare_kb:.1f} KB (bench/floor.py): {recv_kb * par / 1024:.0f} MB "
-                         f"and {bare_kb * par / 1024:.0f} MB for {par:,} deliveries waiting at once")
+                         f"parked in one Python call {bare_kb:.1f} KB, of which {bare_kb - c_kb:.1f} KB is the frame "
+                         f"stack CPython gives a greenlet that runs Python code (bench/floor.py): "
+                         f"{recv_kb * par / 1024:.0f} MB and {bare_kb * par / 1024:.0f} MB for {par:,} deliveries "
+                         "waiting at once")
         lost = []
         if statistics.median(done.ours) > 1.5:
             lost.append("completion")
@@ -92,9 +94,9 @@ def _case(h: object, n: int, par: int, reps: int, quick: bool) -> list[Figure]:
     return [done, mem]
 
 
-def _greenlet_floor_kb() -> tuple[float, float] | None:
-    """_greenlet_floor_kb runs bench/floor.py: the RSS of one greenlet blocked in recv, and
-    of one bare greenlet."""
+def _greenlet_floor_kb() -> tuple[float, float, float] | None:
+    """_greenlet_floor_kb runs bench/floor.py: the RSS of one greenlet blocked in recv, of
+    one bare greenlet, and of one greenlet that runs no Python code."""
     import json
     import subprocess
 
@@ -104,7 +106,8 @@ def _greenlet_floor_kb() -> tuple[float, float] | None:
     if p.returncode != 0:
         return None
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    return float(out["kb_per_greenlet"]), float(out["kb_per_bare_greenlet"])
+    return (float(out["kb_per_greenlet"]), float(out["kb_per_bare_greenlet"]),
+            float(out["kb_per_greenlet_without_python_frames"]))
 
 
 def _short(line: str) -> str:
