@@ -481,38 +481,46 @@ class Queue(ModuleBase):
         self.schedule(msg_id, now + delay)
 
     def _deliver(self, meta: MsgMetadata, sender: str, rcpts: list[str], header: bytes, body: bytes) -> dict[str, BaseException | None]:
+        """_deliver runs one attempt; every recipient gets a result, and None (delivered)
+        only from the target's body step: an accepted RCPT alone delivers nothing."""
         results: dict[str, BaseException | None] = {}
         try:
             delivery = self.target.start_delivery(meta, sender)
         except SMTPError as e:  # the error applies to every recipient
             return {r: e for r in rcpts}
+        final: set[str] = set()  # recipients whose result is known
         try:
             accepted = []
             add_many = getattr(delivery, "add_rcpts", None)
             if add_many is not None:
                 for r, err in add_many(rcpts).items():
-                    results[r] = err
                     if err is None:
                         accepted.append(r)
+                    else:
+                        results[r] = err
+                        final.add(r)
             else:
                 for r in rcpts:
                     try:
                         delivery.add_rcpt(r)
                     except SMTPError as e:  # per recipient (D-9, D-10)
                         results[r] = e
+                        final.add(r)
                         continue
-                    results[r] = None
                     accepted.append(r)
             if not accepted:
                 delivery.abort()  # D-11: no DATA
                 return results
             body_results = delivery.body_per_rcpt(header, body)
             for r in accepted:
-                results[r] = body_results.get(r)
+                # a target that gives an accepted recipient no result has not delivered it
+                results[r] = body_results[r] if r in body_results else SMTPError(
+                    451, (4, 3, 0), "The delivery target gave no result for this recipient")
+                final.add(r)
             delivery.commit()
         except Exception as e:  # noqa: BLE001 - anything unexpected fails the rest temporarily
             for r in rcpts:
-                if results.get(r, e) is not None:
+                if r not in final:
                     results[r] = e
             try:
                 delivery.abort()

@@ -114,6 +114,8 @@ class ConnPool:
         self.clock = clock
         self.idle: dict[tuple[Any, ...], list[_Idle]] = {}
         self.closing = gevent.pool.Group()
+        #: Set by close_all: a delivery finishing after it parks nothing (B-1, B-70).
+        self.closed = False
 
     def take(self, key: tuple[Any, ...]) -> _Idle | None:
         """take returns a live idle connection for key, or None (LIFO: the freshest first)."""
@@ -132,7 +134,7 @@ class ConnPool:
 
     def put(self, key: tuple[Any, ...], entry: _Idle) -> None:
         """put parks a connection (already reset), or closes it when the key is full."""
-        if self.max_idle_time <= 0:
+        if self.max_idle_time <= 0 or self.closed:
             self._quit(entry.conn)
             return
         entries = self.idle.setdefault(key, [])
@@ -158,7 +160,9 @@ class ConnPool:
                 del self.idle[key]
 
     def close_all(self, timeout: float = 5.0) -> None:
-        """close_all sends QUIT to every idle connection (B-70) and waits for them."""
+        """close_all sends QUIT to every idle connection (B-70) and waits for them; a
+        connection put afterwards gets QUIT at once."""
+        self.closed = True
         for key in list(self.idle):
             for entry in self.idle.pop(key):
                 self._quit(entry.conn)
@@ -225,6 +229,7 @@ class RemoteTarget(ModuleBase):
             # Many deliveries to one domain ask the same questions: cache positive answers
             # for their TTL (at most 5 minutes, as a local validating resolver would).
             self.resolver = dns.Resolver(cache_max_ttl=300)
+        self.pool.closed = False
         self._greenlets.spawn(self._sweeper)
 
     def stop(self, timeout: float) -> None:
@@ -357,13 +362,23 @@ class RemoteDelivery:
             except SMTPError as e:
                 out[r] = e
                 if dc.conn.broken:
-                    self._drop(dc, e)
+                    self._lost(dc, e, out)
                     for r2 in rcpts:
                         out.setdefault(r2, e)
                     break
                 continue
             self._accepted(dc, r, out)
         return out
+
+    def _lost(self, dc: _DomainConn, err: SMTPError, out: dict[str, SMTPError | None]) -> None:
+        """_lost: the domain's connection broke after RCPTs were accepted on it (B-63).
+        Those accepted in this call get ``err`` now; those accepted by earlier calls stay
+        in ``dc.rcpts`` and get it at the body step, since nothing was sent for them."""
+        self._drop(dc, err)
+        for r in dc.rcpts:
+            if r in out:
+                out[r] = err
+        dc.rcpts = [r for r in dc.rcpts if r not in out]
 
     def _accepted(self, dc: _DomainConn, rcpt: str, out: dict[str, SMTPError | None]) -> None:
         out[rcpt] = None
@@ -425,7 +440,10 @@ class RemoteDelivery:
                 else:
                     self._accepted(dc, r, out)
             if conn.broken:
-                self._drop(dc, E.NETWORK_IO.error(remote_server=conn.remote_server, reason=conn.broken_reason or "connection lost"))
+                # the server's own 421 says why, when it closed the connection (B-63)
+                closing = [res for res in rcpt_res if isinstance(res, SMTPError) and res.code == 421]
+                self._lost(dc, closing[0] if closing else E.NETWORK_IO.error(
+                    remote_server=conn.remote_server, reason=conn.broken_reason or "connection lost"), out)
             return out
         raise AssertionError("unreachable")
 
@@ -640,18 +658,21 @@ class RemoteDelivery:
         try:
             conn.starttls(t.tls_client.context(verify=verify), cand.host.rstrip("."))
             conn.ehlo(t.hostname)
-        except E.STARTTLSRejected:
+        except E.STARTTLSRejected as e:
             conn.close()
-            raise
+            if verify:
+                raise  # no fallback (B-50)
+            cand.tls_err = e.message  # on the unverified stage every error drops to plaintext (B-49)
+            return "error"
         except E.TLSHandshakeError as e:
             conn.close()
             cand.tls_err = e.fields.get("tls_err") or e.message
             return "verify" if verify and e.kind == "verify" else "error"
         except SMTPError as e:
             # On the verified stage a failure before TLS (the connection broke) fails the
-            # MX; an EHLO refused inside TLS is a TLS error (B-51). On the unverified
-            # stage every error drops to plaintext.
-            within_tls = conn.tls and not conn.broken
+            # MX; an EHLO refused inside TLS, by any reply, 421 included, is a TLS error
+            # (B-51). On the unverified stage every error drops to plaintext.
+            within_tls = conn.tls and ("smtp_code" in e.fields or not conn.broken)
             conn.close()
             if verify and not within_tls:
                 raise
@@ -669,6 +690,11 @@ class RemoteDelivery:
     def body_per_rcpt(self, header: bytes, body: bytes) -> Mapping[str, Exception | None]:
         """body_per_rcpt sends the message on every domain connection in parallel."""
         results: dict[str, Exception | None] = {}
+        for dc in self.domains.values():
+            if dc.conn is None and dc.rcpts:  # accepted, then the connection broke (B-63)
+                for r in dc.rcpts:
+                    results[r] = dc.error or E.NETWORK_IO.error(reason="connection lost")
+                dc.rcpts = []
         if self.meta.quarantine:
             for dc in self.domains.values():
                 for r in dc.rcpts:
@@ -713,7 +739,7 @@ class RemoteDelivery:
             group = gevent.pool.Group()
             for dc in active:
                 group.spawn(send, dc)
-            group.join()
+            group.join(raise_error=True)  # an unexpected error is not a delivery
         return results
 
     def body(self, header: bytes, body: bytes) -> None:

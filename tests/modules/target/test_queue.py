@@ -26,7 +26,9 @@ if "test.scripted" not in MODULES:
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            self.script = {}  # (attempt, rcpt) -> error | "rcpt:" + error | "crash"
+            # (attempt, rcpt) -> error | ("rcpt", error) | "crash" | "no result";
+            # (attempt, "body") -> error raised by the body step itself
+            self.script = {}
             self.attempts = 0
             self.delivered = []  # (attempt, rcpt, body)
             self.started = []
@@ -58,9 +60,14 @@ if "test.scripted" not in MODULES:
             try:
                 if self.t.block is not None:
                     self.t.block.wait()
+                failed = self.t.script.get((self.n, "body"))
+                if failed is not None:
+                    raise failed
                 out = {}
                 for r in self.rcpts:
                     err = self.t.script.get((self.n, r))
+                    if err == "no result":
+                        continue
                     out[r] = err if isinstance(err, SMTPError) else None
                     if out[r] is None:
                         self.t.delivered.append((self.n, r, header + body))
@@ -181,6 +188,36 @@ def test_temporary_failure_retried_D_6(queue):
     q.attempt(msg_id)
     assert sorted(r for n, r, _ in t.delivered if n == 2) == ["a@x.test", "b@x.test"]
     assert os.listdir(q.location) == []
+
+
+@pytest.mark.parametrize("err", [TEMP, PERM], ids=["temporary", "permanent"])
+def test_an_error_of_the_body_step_is_no_delivery_D_4_D_6(queue, err):
+    """D-4/D-6: the RCPTs were accepted, then the body step raised: nobody was delivered.
+    A temporary error is retried for both; a permanent one bounces both."""
+    q, t, b = queue()
+    msg_id, _ = submit(q, ["a@x.test", "b@x.test"])
+    t.script[(1, "body")] = err
+    q.attempt(msg_id)
+    if err.temporary:
+        assert msg_id in q.next_attempts() and sorted(q.read_meta(msg_id).pending) == ["a@x.test", "b@x.test"]
+        q.attempt(msg_id)
+        assert sorted(r for n, r, _ in t.delivered) == ["a@x.test", "b@x.test"]
+    else:
+        assert b.attempts == 1 and msg_id not in q.next_attempts()
+    assert os.listdir(q.location) == []
+
+
+def test_a_recipient_without_a_result_is_retried_D_6(queue):
+    """D-6: a target that gives an accepted recipient no result has not delivered it: the
+    recipient fails temporarily (451 4.3.0) and is retried; the other one is delivered."""
+    q, t, _ = queue()
+    msg_id, _ = submit(q, ["a@x.test", "b@x.test"])
+    t.script[(1, "a@x.test")] = "no result"
+    q.attempt(msg_id)
+    qm = q.read_meta(msg_id)
+    assert qm.pending == ["a@x.test"] and qm.errors["a@x.test"]["code"] == 451
+    q.attempt(msg_id)
+    assert [(n, r) for n, r, _ in t.delivered] == [(1, "b@x.test"), (2, "a@x.test")]
 
 
 def test_only_pending_recipients_retried_D_7_D_10(queue):

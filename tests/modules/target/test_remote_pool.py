@@ -11,6 +11,7 @@ from maddylite.modules.target import remote
 from maddylite.interfaces import MsgMetadata
 from maddylite.policy import MXLevel
 from maddylite.smtp import client
+from maddylite.smtp.errors import SMTPError
 
 
 def test_two_deliveries_one_session_B_59(std_world, rh):
@@ -163,6 +164,53 @@ def test_network_error_in_envelope_closes_B_63(std_world, rh, verb):
     _, res = rh.deliver(t, ["b@example.test"])
     assert res == {"b@example.test": None}
     assert len(srv.sessions) == 2
+
+
+def _rcpt_421_for_b(_s, line):
+    return b"421 4.3.0 shutting down\r\n" if "<b@" in line else None
+
+
+@pytest.mark.parametrize("exts", [("PIPELINING",), ()], ids=["pipelining", "serial"])
+def test_recipients_accepted_before_the_server_closes_are_not_delivered_B_63(std_world, rh, exts):
+    """B-63: RCPT a is accepted, RCPT b gets 421 and the server closes: nothing was sent,
+    so a must fail too (with the server's 421), at RCPT time, and the body step must not
+    report it delivered."""
+    srv = std_world.servers[0]
+    srv.extensions = exts
+    srv.replies["RCPT"] = _rcpt_421_for_b
+    t = std_world.target()
+    d = t.start_delivery(MsgMetadata(id="m1"), "test@example.com")
+    added = d.add_rcpts(["a@example.test", "b@example.test"])
+    body = d.body_per_rcpt(rh.HEADER, rh.BODY)
+    d.commit()
+    assert srv.messages == []
+    for r in ("a@example.test", "b@example.test"):
+        rh.assert_err(added[r], 421, "4.3.0", "mx.example.test. said: shutting down", True)
+    assert body == {}
+
+
+@pytest.mark.parametrize("how", ["421", "drop"])
+def test_a_recipient_accepted_by_an_earlier_call_fails_at_the_body_step_B_63(std_world, rh, how):
+    """B-63, one add_rcpt at a time (the endpoint's way): a is accepted, then the
+    connection is lost at RCPT b. a was never sent: body_per_rcpt reports b's error for
+    it, and the atomic body() raises instead of returning (B-36)."""
+    srv = std_world.servers[0]
+    srv.replies["RCPT"] = _rcpt_421_for_b if how == "421" else (lambda _s, line: rh.CLOSE if "<b@" in line else None)
+    t = std_world.target()
+    for atomic in (False, True):
+        d = t.start_delivery(MsgMetadata(id=f"m{atomic}"), "test@example.com")
+        d.add_rcpt("a@example.test")
+        with pytest.raises(SMTPError) as b_err:
+            d.add_rcpt("b@example.test")
+        if atomic:
+            with pytest.raises(SMTPError) as body_err:
+                d.body(rh.HEADER, rh.BODY)
+            assert body_err.value is b_err.value
+        else:
+            assert d.body_per_rcpt(rh.HEADER, rh.BODY) == {"a@example.test": b_err.value}
+        d.commit()
+        assert b_err.value.temporary
+    assert srv.messages == []
 
 
 def _concurrent(t, rh, n, rcpt="u{}@example.test", meta=None):
@@ -350,3 +398,42 @@ def test_stop_quits_idle_connections_B_70(std_world, rh, caplog, quit_reply):
     assert t.pool.count() == 0
     assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
     assert [r for r in std_world.logs() if r["level"] != "debug"] == []
+
+
+def test_a_delivery_finishing_after_stop_parks_nothing_B_1_B_70(std_world, rh):
+    """B-1/B-70: after stop no connection is left open, even one whose delivery was still
+    running when the pool was closed: it gets QUIT when it finishes instead of being parked."""
+    srv = std_world.servers[0]
+    t = std_world.target()
+    d = t.start_delivery(MsgMetadata(id="m1"), "test@example.com")
+    d.add_rcpt("a@example.test")
+    t.stop(1)
+    assert d.body_per_rcpt(rh.HEADER, rh.BODY) == {"a@example.test": None}
+    d.commit()
+    assert t.pool.count() == 0
+    rh.wait_for(lambda: srv.sessions[0].ended)
+    assert srv.sessions[0].commands[-1] == "QUIT"
+
+
+def test_a_crash_sending_to_one_domain_is_raised_not_taken_for_delivery_B_36(std_world, rh, monkeypatch):
+    """B-36 (per recipient results): when sending to one of two domains crashes (not an
+    SMTP error), body_per_rcpt raises it (the queue then sets the message aside, D-21)
+    rather than returning results in which that domain's recipient is missing."""
+    std_world.domain("example2.test", (10, "mx.example.test", None))
+    real = client.SMTPConnection.send_message
+    calls = []
+
+    def crash_once(self, *parts):
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, *parts)
+
+    monkeypatch.setattr(client.SMTPConnection, "send_message", crash_once)
+    t = std_world.target()
+    d = t.start_delivery(MsgMetadata(id="m1"), "test@example.com")
+    assert d.add_rcpts(["a@example.test", "b@example2.test"]) == {"a@example.test": None, "b@example2.test": None}
+    with pytest.raises(RuntimeError, match="boom"):
+        d.body_per_rcpt(rh.HEADER, rh.BODY)
+    assert len(calls) == 2
+

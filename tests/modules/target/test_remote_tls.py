@@ -143,6 +143,20 @@ def test_second_stage_ehlo_rejected_plaintext_B_49(std_world, rh):
     assert d.describe("test@example.test")["tls_level"] == "none"
 
 
+def test_second_stage_starttls_454_plaintext_B_49(std_world, rh):
+    """B-49 over B-50: a 454 to STARTTLS on the unverified stage is an error of that stage,
+    so it drops to plaintext; B-50's "no fallback" is the first stage's rule."""
+    w = std_world
+    w.servers[0].stop()
+    srv = tls_mx(w, "self_signed", replies={
+        "STARTTLS": lambda s, _l: b"454 4.7.0 TLS not available\r\n" if s.index == 1 else None})
+    t = w.target()
+    d, res = rh.deliver(t, ["test@example.test"])
+    assert res == {"test@example.test": None}
+    assert len(srv.sessions) == 3 and not srv.sessions[2].tls and len(srv.sessions[2].delivered) == 1
+    assert d.describe("test@example.test")["tls_level"] == "none"
+
+
 @pytest.mark.parametrize("reply", [b"454 4.7.0 TLS not available\r\n", "drop"], ids=["454", "drop"])
 def test_starttls_rejected_next_mx_B_50(mxworld, rh, reply):
     """B-50: STARTTLS answered 454 (or the connection drops) → no fallback; the MX fails and
@@ -185,6 +199,19 @@ def test_ehlo_in_tls_rejected_plaintext_B_51(std_world, rh):
     assert "STARTTLS" not in srv.sessions[1].verbs and len(srv.sessions[1].delivered) == 1
     assert d.describe("test@example.test")["tls_level"] == "none"
     assert len(w.logs("TLS error, trying plaintext")) == 1
+
+
+def test_ehlo_in_tls_answered_421_plaintext_B_51(std_world, rh):
+    """B-51: a 421 to the EHLO inside TLS is a rejection like any other (the server answered,
+    then closed): plaintext fallback on a new connection, not a failed MX."""
+    w = std_world
+    w.servers[0].stop()
+    srv = tls_mx(w, replies={"EHLO": lambda s, _l: b"421 4.7.0 Not today\r\n" if s.tls else None})
+    t = w.target()
+    d, res = rh.deliver(t, ["test@example.test"])
+    assert res == {"test@example.test": None}
+    assert len(srv.sessions) == 2 and srv.sessions[0].tls and not srv.sessions[1].tls
+    assert d.describe("test@example.test")["tls_level"] == "none"
 
 
 def test_min_tls_encrypted_handshake_impossible_B_52(std_world, rh):
