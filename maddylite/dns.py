@@ -505,15 +505,21 @@ class Resolver:
 
     def _exchange(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType,
                   deadline: float) -> tuple[dns.message.Message, str]:
-        """Ask the nameservers in order until one answers NOERROR (B-14)."""
+        """Ask the nameservers in order until one answers NOERROR (B-14); after a SERVFAIL
+        from a trusted (loopback) resolver, only trusted ones are asked (C-63)."""
         query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD,
                                        flags=dns.flags.RD | dns.flags.AD)
         wire = query.to_wire()
         last: DNSError | tuple[dns.message.Message, str] | None = None
         pending = list(self.nameservers)
+        bogus = False  # a trusted validating resolver answered SERVFAIL
         for _ in range(self.attempts):
             retry: list[tuple[str, int]] = []
             for server, port in pending:
+                if bogus and not self._trust_ad(server):
+                    # A validator's SERVFAIL may mean bogus data (C-63): the answer of a
+                    # server whose AD bit is not trusted would turn bogus into insecure.
+                    continue
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     if last is None:
@@ -532,6 +538,8 @@ class Resolver:
                     return response, answered
                 # Another server may know better; if none does, the last error decides.
                 last = (response, answered)
+                if rcode == dns.rcode.SERVFAIL and self.dnssec_capable and self._trust_ad(answered):
+                    bogus = True
             pending = retry
             if not pending:
                 break

@@ -55,7 +55,8 @@ class FakeDNS:
     reply with a wrong id before the real one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.zone: dict[tuple[str, str], list[str]] = {}
         self.rcodes: dict[str, dns.rcode.Rcode] = {}
         self.type_rcodes: dict[tuple[str, str], dns.rcode.Rcode] = {}
@@ -69,10 +70,10 @@ class FakeDNS:
         # The UDP port is chosen by the kernel; the same TCP port may be taken by another
         # socket, so try again with a new pair until both bind.
         for _ in range(50):
-            self.udp = DatagramServer(("127.0.0.1", 0), self._udp)
+            self.udp = DatagramServer((host, 0), self._udp)
             self.udp.start()
             try:
-                self.tcp = StreamServer(("127.0.0.1", self.udp.server_port), self._tcp)
+                self.tcp = StreamServer((host, self.udp.server_port), self._tcp)
                 self.tcp.start()
                 break
             except OSError:
@@ -83,7 +84,7 @@ class FakeDNS:
     @property
     def address(self) -> tuple[str, int]:
         """address is (host, port) of both listeners."""
-        return ("127.0.0.1", int(self.udp.server_port))
+        return (self.host, int(self.udp.server_port))
 
     def add(self, name: str, rdtype: str, *rdata: str) -> None:
         """add puts records in the zone (names absolute, lower case)."""
@@ -164,8 +165,8 @@ def fake_dns() -> Iterator[Callable[[], FakeDNS]]:
     """fake_dns is a factory of started FakeDNS servers, stopped after the test."""
     started: list[FakeDNS] = []
 
-    def make() -> FakeDNS:
-        srv = FakeDNS()
+    def make(host: str = "127.0.0.1") -> FakeDNS:
+        srv = FakeDNS(host)
         started.append(srv)
         return srv
 
@@ -399,6 +400,33 @@ def test_next_nameserver_after_timeout_b14(fake_dns: Callable[[], FakeDNS]) -> N
     silent.drop.add("example.test.")
     good.add("example.test.", "MX", "10 mx.example.test.")
     assert resolver_for(silent, good, timeout=0.2).lookup_mx("example.test").records
+
+
+@pytest.mark.parametrize("rtype", ["MX", "TLSA"])
+def test_a_trusted_servfail_is_not_replaced_by_an_untrusted_answer_c63(fake_dns: Callable[..., FakeDNS],
+                                                                      rtype: str) -> None:
+    """C-63 over B-14: the loopback validator answers SERVFAIL (bogus data); a later
+    nameserver whose AD bit is not trusted (here 127.0.0.2, made untrusted) is not asked,
+    since its answer would turn bogus into insecure: the lookup fails temporarily. A later
+    trusted nameserver is still asked."""
+    name = "example.test." if rtype == "MX" else "_25._tcp.mx.example.test."
+    validator, untrusted, trusted = fake_dns(), fake_dns("127.0.0.2"), fake_dns()
+    validator.ad = trusted.ad = True
+    validator.type_rcodes[(name, rtype)] = dns.rcode.SERVFAIL
+    rdata = "10 mx.example.test." if rtype == "MX" else "3 1 1 " + "ab" * 32
+    for srv in (untrusted, trusted):
+        srv.add(name, rtype, rdata)
+
+    def lookup(*servers: FakeDNS) -> Any:
+        r = resolver_for(*servers, trust_ad=lambda ip: ip == "127.0.0.1")
+        return r.lookup_mx("example.test") if rtype == "MX" else r.lookup_tlsa(name)
+
+    with pytest.raises(DNSError) as e:
+        lookup(validator, untrusted)
+    assert e.value.kind == "servfail" and e.value.temporary
+    assert untrusted.queries == []
+    assert lookup(validator, untrusted, trusted).authenticated
+    assert untrusted.queries == []
 
 
 def test_first_noerror_wins_b14(fake_dns: Callable[[], FakeDNS]) -> None:

@@ -276,7 +276,8 @@ def parse_policy(body: bytes | str) -> Policy:
         raise MTASTSError(f"mtasts: invalid max_age: {max_age}")
     if mode != "none" and not mx:
         raise MTASTSError(f"mtasts: mode {mode} without any mx")
-    return Policy(mode, min(int(max_age), MAX_AGE_CAP), tuple(mx))
+    digits = max_age.lstrip("0") or "0"  # no int() of thousands of digits: any long value is above the cap
+    return Policy(mode, MAX_AGE_CAP if len(digits) > 10 else min(int(digits), MAX_AGE_CAP), tuple(mx))
 
 
 # --- fetch (C-19..C-25) -------------------------------------------------------------------
@@ -674,7 +675,9 @@ class MTASTS(PolicyModule, ModuleBase):
             return self.discover(domain, resolver)
         except Exception as e:  # noqa: BLE001 - a bug here must not take the delivery down
             self.log.error("MTA-STS error", e, domain=domain)
-            return None
+            # nor drop a policy already known: a still valid cached one applies (C-34)
+            key = policy_domain(domain)
+            return _active(self._valid_entry(key, self.clock())) if key is not None else None
 
     def discover(self, domain: str, resolver: Any = None) -> Policy | None:
         """discover returns the policy that applies to *domain* now, or None (C-14..C-37).
@@ -706,7 +709,7 @@ class MTASTS(PolicyModule, ModuleBase):
                 return _active(valid)
             try:
                 policy = self._fetch(key, resolver)
-            except MTASTSError as e:  # C-20..C-25, C-34, C-36
+            except Exception as e:  # noqa: BLE001 - C-20..C-25, C-34, C-36: any failure of the fetch
                 self.log.error("MTA-STS error", e, domain=key)
                 return _active(valid)
             entry = CachedPolicy(key, txt_id, policy, now)
@@ -777,7 +780,7 @@ class MTASTS(PolicyModule, ModuleBase):
         for key in self.store.domains():
             try:
                 self._refresh_one(key, self._resolver(), at=self.clock() + lookahead, force=force)
-            except (MTASTSError, dns.DNSError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - one domain's failure leaves the others refreshed (C-40)
                 self.log.error("MTA-STS cache update error", e, domain=key)
 
     def _refresh_one(self, key: str, resolver: Any, *, at: float, force: bool) -> bool:

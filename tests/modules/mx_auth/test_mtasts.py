@@ -384,6 +384,10 @@ def test_txt_rrset_decisions(records: list[str], expect: Any) -> None:
     pytest.param(b"version: STSv1\nmode: none\nmax_age: 99999999999\n", Policy("none", MAX_AGE_CAP), id="max-age-capped"),
     pytest.param(b"version: STSv1\nmode: none\nmax_age: 31557601\n\n\n", Policy("none", MAX_AGE_CAP),
                  id="trailing-blank-lines"),
+    pytest.param(b"version: STSv1\nmode: none\nmax_age: " + b"9" * 5000 + b"\n", Policy("none", MAX_AGE_CAP),
+                 id="max-age-5000-digits-capped"),
+    pytest.param(b"version: STSv1\nmode: none\nmax_age: " + b"0" * 20 + b"86400\n", Policy("none", 86400),
+                 id="max-age-leading-zeros"),
 ])
 def test_policy_valid_C_26_C_28(body: bytes, expect: Policy) -> None:
     """C-26, C-28, Decisions: valid policy bodies."""
@@ -670,6 +674,26 @@ def test_new_id_failed_refetch_keeps_valid_cache_C_34(make_mod: Any, server: Pol
     assert [e.id for e in mod.cached()] == ["id1"]
 
 
+def test_an_unexpected_failure_of_the_refetch_keeps_valid_cache_C_34(make_mod: Any, server: PolicyServer,
+                                                                    resolver: FakeResolver, monkeypatch: Any,
+                                                                    logs: io.StringIO) -> None:
+    """C-34: whatever goes wrong in a refetch (here not an MTASTSError), a valid cached
+    enforce policy keeps applying, through discover and through the delivery's own path."""
+    mod = make_mod()
+    assert mod.discover(DOMAIN).mode == "enforce"
+    resolver.set_id(DOMAIN, "id2")
+
+    def broken(_body: bytes) -> Policy:
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(mtasts, "parse_policy", broken)
+    assert mod.discover(DOMAIN).mode == "enforce"
+    monkeypatch.setattr(mod, "discover", lambda *_a: 1 / 0)
+    policy = mod._discover_safe(DOMAIN, resolver)
+    assert policy is not None and policy.mode == "enforce"
+    assert logs.getvalue().count("MTA-STS error") == 2
+
+
 def test_fetch_fails_nothing_cached_C_36(make_mod: Any, server: PolicyServer, logs: io.StringIO) -> None:
     """C-36: TXT present, fetch fails, nothing cached → no policy."""
     mod = make_mod()
@@ -866,6 +890,27 @@ def test_background_refresh_failure_and_schedule_C_40(make_mod: Any, server: Pol
     gevent.sleep(0.15)
     assert len(server.requests) == n
     mod.stop(1.0)  # idempotent
+
+
+def test_one_domain_failing_unexpectedly_leaves_the_others_refreshed_C_40(make_mod: Any, server: PolicyServer,
+                                                                          resolver: FakeResolver, monkeypatch: Any,
+                                                                          logs: io.StringIO) -> None:
+    """C-40: a refresh error of any kind is logged for its domain; the pass goes on."""
+    mod = make_mod()
+    for d in ("a.test", "b.test"):
+        resolver.set_id(d, "new")
+        _seed(mod, d, "old", NOW)
+    real = mod._refresh_one
+
+    def one(key: str, *a: Any, **kw: Any) -> bool:
+        if key == "a.test":
+            raise ValueError("unexpected")
+        return real(key, *a, **kw)
+
+    monkeypatch.setattr(mod, "_refresh_one", one)
+    mod._refresh_all(lookahead=0, force=False)
+    assert sorted((e.domain, e.id) for e in mod.cached()) == [("a.test", "old"), ("b.test", "new")]
+    assert logs.getvalue().count("MTA-STS cache update error") == 1
 
 
 def test_refresh_interval_defaults_C_40() -> None:
