@@ -44,8 +44,14 @@ class Lifetime:
             self.started.append(m)
 
     def early_stop(self) -> None:
-        """early_stop asks every started module to stop taking new work."""
-        for m in reversed(self.started):
+        """early_stop asks every started module to stop taking new work: the others first,
+        the endpoints last. A queue's early stop waits for its attempts in progress (E-2),
+        which may take minutes; the endpoints keep accepting meanwhile (what they accept is
+        on disk, where the new instance's queue finds it), so a reload does not leave the
+        SMTP port unserved for that long."""
+        order = [m for m in reversed(self.started) if Endpoint not in m.roles]
+        order += [m for m in reversed(self.started) if Endpoint in m.roles]
+        for m in order:
             try:
                 m.early_stop()
             except Exception as e:  # noqa: BLE001

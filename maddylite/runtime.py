@@ -29,6 +29,7 @@ from maddylite.config.directives import Bool, Directive, StringList
 from maddylite.config.directives import String as StringType
 from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
+from maddylite.interfaces import Endpoint
 from maddylite.lifecycle import Lifetime, StartError
 from maddylite.listeners import ListenerPool
 from maddylite.log import Logger, batch_lines, configure_output
@@ -174,6 +175,13 @@ class Runtime:
                 except Exception as e:  # noqa: BLE001
                     self.log.error("resume failed", e, module=m.label)
 
+    def session_grace(self) -> float:
+        """session_grace is the longest ``shutdown_timeout`` of the started endpoints: how
+        long their open sessions may go on after a reload (E-7)."""
+        bounds = [getattr(getattr(m, "settings", None), "shutdown_timeout", None)
+                  for m in (self.lifetime.modules if self.lifetime else ()) if Endpoint in m.roles]
+        return max((float(b) for b in bounds if b is not None), default=0.0)
+
     def stop(self, timeout: float) -> None:
         """stop stops every started module in reverse order."""
         if self.lifetime:
@@ -300,7 +308,7 @@ class Server:
 
     def _stop_old(self, old: Runtime) -> None:
         try:
-            old.stop(self.grace_timeout)
+            old.stop(max(self.grace_timeout, old.session_grace()))
         finally:
             self.log.info("old server stopped")
 

@@ -43,3 +43,38 @@ def test_failed_start_rolls_back():
         lt.start()
     assert "port in use" in str(e.value)
     assert log == [("start", "a"), ("start", "b"), ("stop", "b"), ("stop", "a")]
+
+
+def test_early_stop_reaches_the_endpoints_last_E_2_E_6():
+    """E-2/E-6: early stop asks the other modules first (a queue's waits for its attempts
+    in progress) and the endpoints last, so they keep accepting during that wait."""
+    log = []
+
+    class Early(Mod):
+        def early_stop(self):
+            log.append(("early_stop", self.instance_name))
+
+    lt = Lifetime([Early("queue", log), Early("ep", log, roles=(Endpoint,)), Early("remote", log)])
+    lt.start()
+    lt.early_stop()
+    assert [e for e in log if e[0] == "early_stop"] == [
+        ("early_stop", "remote"), ("early_stop", "queue"), ("early_stop", "ep")]
+
+
+def test_a_reload_gives_old_sessions_the_endpoints_shutdown_timeout_E_7(build_config, monkeypatch):
+    """E-7: the old instance's sessions may finish within the endpoint's shutdown_timeout
+    (3m default; here the longer of two endpoints), not the 30 s grace of other modules."""
+    from maddylite.runtime import Server
+
+    rt = build_config("hostname h.example\n"
+                      "smtp tcp://127.0.0.1:0 {\n deliver_to dummy\n}\n"
+                      "smtp tcp://127.0.0.1:0 {\n deliver_to dummy\n shutdown_timeout 10m\n}\n",
+                      require_endpoint=True)
+    assert rt.session_grace() == 600.0
+    assert build_config("hostname h.example\nsmtp tcp://127.0.0.1:0 {\n deliver_to dummy\n}\n").session_grace() == 180.0
+    stopped = []
+    monkeypatch.setattr(rt, "stop", stopped.append)
+    server = Server.__new__(Server)
+    server.log = rt.log
+    server._stop_old(rt)
+    assert stopped == [600.0]
