@@ -164,6 +164,18 @@ def to_ascii_address(addr: str) -> str:
     return f"{local}@{to_ascii_domain(domain)}"
 
 
+def header_address(addr: str, smtputf8: bool) -> str:
+    """header_address is an address as a header field we generate shows it: as it is in a
+    SMTPUTF8 message, with its domain in A-labels otherwise, so that the message stays
+    ASCII (RFC 6531 §3.2); an address that cannot be converted is returned unchanged."""
+    if smtputf8 or addr.isascii():
+        return addr
+    try:
+        return to_ascii_address(addr)
+    except AddressConversionError:
+        return addr
+
+
 def canonical_body(message: bytes) -> bytes:
     """canonical_body gives every line a CRLF end: the content of a BDAT chunk [RFC 3030 §3].
 

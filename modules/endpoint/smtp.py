@@ -79,6 +79,7 @@ from maddylite.config.nodes import ConfigNode
 from maddylite.interfaces import Check, Delivery, DeliveryTarget, Endpoint, Limits, MsgMetadata
 from maddylite.log import Logger
 from maddylite.registry import ModuleBase, register
+from maddylite.smtp.client import header_address
 from maddylite.smtp.codes import format_enhanced
 from maddylite.smtp.errors import SMTPError
 from maddylite.tls import TLS_SERVER_TYPE, TLSServerConfig
@@ -814,7 +815,9 @@ class _Session:
         proto = ("UTF8SMTP" if meta.smtputf8 else "ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
         if proto == "SMTPS":
             proto = "ESMTPS"  # RFC 3848 has no name for HELO over TLS
-        rcpt = f" for <{self.rcpts[0]}>" if len(self.rcpts) == 1 else ""
+        # the recipient's domain was normalised to U-labels (B-26); a message without
+        # SMTPUTF8 must stay ASCII, so the field names it in A-labels
+        rcpt = f" for <{header_address(self.rcpts[0], meta.smtputf8)}>" if len(self.rcpts) == 1 else ""
         line = (f"Received: from {helo} ({src}) by {self.ep.hostname} (maddylite) with {proto}"
                 f" id {meta.id}{rcpt}; {formatdate(localtime=True)}\r\n")
         return line.encode("utf-8", "replace")
@@ -835,7 +838,7 @@ class _Session:
         partial = False  # inside an over-long line
         prev_cr = False  # the previous piece of the over-long line ended with CR
         while True:
-            line = self.reader.readline(MAX_DATA_LINE)
+            line = self.reader.readline(MAX_DATA_LINE + 1)  # + the transparency dot
             if not line or not line.endswith(b"\n") and self.reader.eof:
                 return None, None
             if line_start and line == b".\r\n":
@@ -859,6 +862,8 @@ class _Session:
                 problem = problem or NUL_IN_DATA
             if line_start and line.startswith(b"."):
                 line = line[1:]  # dot-stuffing [RFC 5321 §4.5.2]
+            if len(line) > MAX_DATA_LINE:  # counted without the transparency dot [RFC 5321 §4.5.3.1.6]
+                problem = problem or DATA_LINE_TOO_LONG
             line_start = True
             if problem is not None:
                 continue

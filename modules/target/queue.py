@@ -49,6 +49,7 @@ from maddylite.config.nodes import ConfigNode
 from maddylite.interfaces import DeliveryTarget, MsgMetadata
 from maddylite.log import Logger
 from maddylite.registry import ModuleBase, register
+from maddylite.smtp.client import header_address
 from maddylite.smtp.errors import SMTPError
 
 #: How often the directory is scanned for unscheduled messages and flush requests.
@@ -402,12 +403,15 @@ class Queue(ModuleBase):
                 self.rescan()
                 next_scan = now + RESCAN_INTERVAL
             while self._heap and self._heap[0][0] <= now:
+                # Wait for a slot before taking the message off the heap (D-2): killed
+                # here by early_stop, the scheduler leaves it scheduled for resume (E-11).
+                self._pool.wait_available()
                 when, msg_id = heapq.heappop(self._heap)
                 if self._scheduled.get(msg_id) != when or msg_id in self._running:
                     continue  # superseded by a later schedule() call
                 del self._scheduled[msg_id]
                 self._running.add(msg_id)
-                self._pool.spawn(self._attempt_guarded, msg_id)  # blocks when the pool is full (D-2)
+                self._pool.spawn(self._attempt_guarded, msg_id)  # a slot is free: does not block
                 now = self.clock()
             until = min(self._heap[0][0], next_scan) if self._heap else next_scan
             self._wake.wait(timeout=max(0.0, until - self.clock()))
@@ -589,7 +593,7 @@ def build_dsn(qm: QueueMeta, failed: Sequence[str], orig_header: bytes, *, hostn
     headers_type = "message/global-headers" if smtputf8 else "message/rfc822-headers"
     header = (
         f"From: MAILER-DAEMON@{msg_domain}\r\n"
-        f"To: {qm.sender}\r\n"
+        f"To: {header_address(qm.sender, smtputf8)}\r\n"
         f"Subject: {'Delayed Mail (still being retried)' if delayed else 'Undelivered Mail Returned to Sender'}\r\n"
         f"Date: {formatdate(localtime=False)}\r\n"
         f"Message-Id: <{uuid.uuid4().hex}@{msg_domain}>\r\n"
@@ -618,7 +622,7 @@ def build_dsn(qm: QueueMeta, failed: Sequence[str], orig_header: bytes, *, hostn
         shown = originals.get(rcpt, rcpt)
         lines.append(f"  {shown}: {code} {enh} {text}")
         per.append(
-            f"Final-Recipient: {'utf-8' if smtputf8 else 'rfc822'}; {shown}\r\n"
+            f"Final-Recipient: {'utf-8' if smtputf8 else 'rfc822'}; {header_address(shown, smtputf8)}\r\n"
             f"Action: {'delayed' if delayed else 'failed'}\r\nStatus: {enh}\r\nDiagnostic-Code: smtp; {code} {enh} {text}\r\n"
         )
     human = "\r\n".join(lines) + "\r\n"

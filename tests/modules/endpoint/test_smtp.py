@@ -677,6 +677,20 @@ def test_received_field(client):
     assert d.meta.id in lines[0]
 
 
+@pytest.mark.parametrize("params,shown", [("", "b@xn--bcher-kva.test"), (" SMTPUTF8", "b@bücher.test")],
+                         ids=["ascii", "smtputf8"])
+def test_received_field_stays_ascii_without_smtputf8_B_26(client, params, shown):
+    """B-26 normalises the recipient's domain to U-labels; the Received field of a message
+    without SMTPUTF8 still names it in A-labels, so an ASCII message stays ASCII (RFC 6531)."""
+    c, target, _ = client()
+    transaction(c, rcpts=("b@xn--bcher-kva.test",), params=params)
+    c.send(MSG + b".\r\n")
+    assert c.reply()[0] == 250
+    first = target.committed[0].header.split(b"\r\n", 1)[0]
+    assert f"for <{shown}>".encode() in first
+    assert first.isascii() is (params == "")
+
+
 def test_dot_stuffing(client):
     """Leading dots are removed once [RFC 5321 §4.5.2]; a stuffed dot line is content."""
     c, target, _ = client()
@@ -746,6 +760,23 @@ def test_message_line_length(client, length, accepted):
     code, _ = c.reply()
     assert code == (250 if accepted else 500)
     assert bool(target.committed) is accepted
+    assert c.cmd("NOOP")[0] == 250
+
+
+@pytest.mark.parametrize("length,accepted", [(998, True), (999, False)])
+def test_the_transparency_dot_does_not_count_in_the_line_length(client, length, accepted):
+    """RFC 5321 §4.5.3.1.6: the limit is on the line as sent after the dot is removed: a
+    998-character line that starts with a dot is 999 on the wire and is accepted, as it is
+    unstuffed; one more character is refused."""
+    c, target, _ = client()
+    transaction(c)
+    line = b"." + b"y" * (length - 1)
+    c.send(b"Subject: s\r\n\r\n." + line + b"\r\n.\r\n")
+    code, _ = c.reply()
+    assert code == (250 if accepted else 500)
+    assert bool(target.committed) is accepted
+    if accepted:
+        assert target.committed[0].body_bytes == line + b"\r\n"
     assert c.cmd("NOOP")[0] == 250
 
 
