@@ -480,6 +480,11 @@ class Queue(ModuleBase):
             self._bounce(qm, still, header, delayed=True)
         n = min(qm.tries[r] for r in still)
         delay = retry_delay(n, self.settings.initial_retry_time, self.settings.retry_time_scale)
+        if not os.path.exists(self._path(msg_id, "meta")):
+            # dropped while the attempt ran (``maddylite queue drop``): not written back
+            self.log.info("dropped during the attempt", msg_id=msg_id)
+            self.remove(msg_id)
+            return
         self._write_meta(qm)
         self.log.info("will retry", msg_id=msg_id, rcpts=len(still), next_try_delay=round(delay, 2))
         self.schedule(msg_id, now + delay)

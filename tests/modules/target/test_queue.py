@@ -566,3 +566,18 @@ def test_a_message_waiting_for_a_slot_is_attempted_after_resume_E_11(queue, monk
     assert [r for _, r, _ in t.delivered] == ["a@x.test", "b@x.test"]
     assert q.list_ids() == []
 
+
+def test_a_message_dropped_during_its_attempt_stays_dropped(queue):
+    """``maddylite queue drop`` while an attempt runs: when the attempt fails temporarily,
+    its record is not written back (which would leave metadata without a message)."""
+    q, t, _ = queue()
+    msg_id, _ = submit(q, ["a@x.test"])
+    t.script[(1, "a@x.test")] = TEMP
+    t.block = gevent.event.Event()
+    g = gevent.spawn(q.attempt, msg_id)
+    _wait(lambda: t.active == 1)
+    assert q.drop(msg_id)
+    t.block.set()
+    g.get(timeout=5)
+    assert os.listdir(q.location) == [] and msg_id not in q.next_attempts()
+
