@@ -475,7 +475,8 @@ class Queue(ModuleBase):
             self.remove(msg_id)
             return
         notice = self.settings.delay_notice
-        if notice and not qm.delay_notified and now - qm.received >= notice:
+        if notice and not qm.delay_notified and not perm_failed and now - qm.received >= notice:
+            # at most one DSN per attempt (D-27): after a failure DSN the notice waits a turn
             qm.delay_notified = True
             self._bounce(qm, still, header, delayed=True)
         n = min(qm.tries[r] for r in still)

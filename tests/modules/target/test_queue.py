@@ -528,6 +528,20 @@ def test_delay_notice_names_the_reason_once(queue):
     assert q.read_meta(msg_id).pending == ["a@x.test"]
 
 
+def test_delay_notice_waits_for_an_attempt_without_a_failure_dsn_D_27(queue):
+    """D-27: one DSN per attempt: when an attempt bounces one recipient while another is
+    due a delay notice, the notice goes with the next attempt."""
+    q, t, b = queue("delay_notice 1h")
+    msg_id, _ = submit(q, ["a@x.test", "b@x.test"])
+    t.script[(1, "a@x.test")] = t.script[(2, "a@x.test")] = TEMP
+    t.script[(1, "b@x.test")] = PERM
+    q.clock.now += 3600
+    q.attempt(msg_id)
+    assert b.attempts == 1 and "Action: failed" in b.delivered[0][2].decode()
+    q.attempt(msg_id)
+    assert b.attempts == 2 and "Action: delayed" in b.delivered[1][2].decode()
+
+
 def test_delay_notice_off(queue):
     """delay_notice 0 never sends a notice."""
     q, t, b = queue("delay_notice 0")
