@@ -36,7 +36,8 @@ def workdir(harness, tmp_path):
 def deliver(harness, workdir):
     """deliver runs `maddylite deliver` in the namespace and parses its per-recipient lines."""
 
-    def run(rcpts, *, remote="", policies=POLICIES, sender="sender@sender.test", message=None, global_extra="", env=None):
+    def run(rcpts, *, remote="", policies=POLICIES, sender="sender@sender.test", message=None, global_extra="", env=None,
+            resolv_conf=None):
         conf = workdir / "deliver.conf"
         defaults = {"connect_timeout": "3s", "command_timeout": "10s", "submission_timeout": "10s"}
         for line in remote.splitlines():
@@ -59,7 +60,7 @@ def deliver(harness, workdir):
             """))
         msg = message or b"From: sender@sender.test\r\nSubject: integration\r\n\r\nhello\r\n"
         p = harness.ns_run([PY, "-m", "maddylite", "deliver", "--config", str(conf), "--from", sender, "--to", *rcpts],
-                           input=msg.decode("utf-8"), timeout=120, env=env)
+                           input=msg.decode("utf-8"), timeout=120, env=env, resolv_conf=resolv_conf)
         results = {}
         for line in p.stdout.splitlines():
             parts = line.split("\t")

@@ -270,3 +270,61 @@ def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harn
     finally:
         sink.terminate()
         sink.wait(10)
+
+
+#: Not loopback, configured in the namespace (the harness's ULA base address), nothing on port 53.
+UNTRUSTED_NS = "fd00:1ab::1"
+
+
+def _untrusted_nsd(harness, workdir):
+    """A second nsd, serving the harness's zones as they are (bogus signatures included)
+    on a non-loopback address: what a resolv.conf's second, untrusted nameserver would
+    answer when an attacker feeds it."""
+    import subprocess
+    import time
+
+    out = []
+    for line in (harness.workdir / "dns" / "nsd.conf").read_text().splitlines():
+        key = line.strip().split(":", 1)[0]
+        if key == "ip-address":
+            line = f"  ip-address: {UNTRUSTED_NS}"
+        elif key == "do-ip6":
+            line = "  do-ip6: yes"
+        elif key in ("zonelistfile", "xfrdfile", "pidfile", "logfile"):
+            line = f'  {key}: "{workdir}/nsd-{key}"'
+        elif key == "xfrdir":
+            line = f'  xfrdir: "{workdir}"'
+        out.append(line)
+    conf = workdir / "nsd-untrusted.conf"
+    conf.write_text("\n".join(out) + "\n")
+    nsd = harness.ns_popen(["nsd", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        p = harness.ns_run(["dig", f"@{UNTRUSTED_NS}", "+norec", "+time=1", "+tries=1", "bogus.test", "MX"], timeout=10)
+        if "status: NOERROR" in p.stdout and "mx.bogus.test" in p.stdout:
+            return nsd
+        assert nsd.poll() is None and time.monotonic() < deadline, f"private nsd did not answer: {p.stdout}{p.stderr}"
+        time.sleep(0.1)
+
+
+def test_a_bogus_answer_is_not_replaced_by_an_untrusted_nameservers_C_63_B_14(harness, deliver, workdir):
+    """C-63 over B-14: resolv.conf lists the validating unbound (loopback) and then a
+    nameserver on a non-loopback address (a real nsd serving the zones unvalidated). For
+    bogus.test unbound answers SERVFAIL; the second server, whose AD bit is never trusted,
+    is not asked, so the bogus MX data is not used: 451 4.4.4, and the MX never sees MAIL.
+    A signed domain still gets its authenticated answer through the same resolv.conf."""
+    nsd = _untrusted_nsd(harness, workdir)
+    try:
+        resolv = f"nameserver 127.0.0.1\nnameserver {UNTRUSTED_NS}\noptions trust-ad edns0\n"
+        bogus = harness.new_address(_scenario_domain(harness, "bogus"))
+        good = harness.new_address(_scenario_domain(harness, "tls"))
+        mark = harness.mark()
+        _, res, _ = deliver([bogus, good], resolv_conf=resolv)
+        assert (res[bogus].code, res[bogus].enhanced, res[bogus].status) == (451, "4.4.4", "temporary-failure")
+        assert "MX lookup error" in res[bogus].text
+        assert harness.count_commands("mx.bogus.test", "MAIL", since=mark) == 0
+        assert (res[good].status, res[good].tls_level, res[good].mx_level) == ("delivered", "authenticated", "dnssec")
+    finally:
+        nsd.terminate()
+        nsd.wait(10)
+
