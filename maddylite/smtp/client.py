@@ -286,6 +286,9 @@ class SMTPConnection:
         self._accepted_rcpts = 0
         #: Commands sent whose replies are still to be read (see rset_deferred).
         self._owed: list[str] = []
+        #: Whether the last mail_rcpts with ``rset_first`` had its RSET (and any deferred
+        #: one) answered 250: when not, a pooled connection was dead (B-60).
+        self.rset_answered = False
 
     # --- construction ---------------------------------------------------------------------
 
@@ -515,6 +518,7 @@ class SMTPConnection:
         NetworkError raises too. DATA is never included (see the module docstring).
         """
         rcpt_list = list(rcpts)
+        self.rset_answered = False
         try:
             mail_line = self._mail_line(sender, params)
         except SMTPError as e:
@@ -555,6 +559,7 @@ class SMTPConnection:
                         err = self._reply_error(reply, "RSET")
                         self._fail("RSET failed in a pipelined batch")
                         raise err
+                    self.rset_answered = True
                     continue
                 if verb == "MAIL":
                     if reply.code == codes.OK:
@@ -738,6 +743,7 @@ class SMTPConnection:
             except SMTPError:
                 self._fail("RSET failed")
                 raise
+            self.rset_answered = True
         try:
             mail_reply: Reply | SMTPError = self.mail(sender, params)
         except NetworkError:

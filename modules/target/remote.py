@@ -388,9 +388,9 @@ class RemoteDelivery:
     def _first_batch(self, dc: _DomainConn, rcpts: list[str]) -> dict[str, SMTPError | None]:
         """_first_batch sends [RSET] MAIL RCPT... in one round trip when PIPELINING is offered.
 
-        A pooled connection gets its RSET here (B-60); if that batch fails before MAIL is
-        answered, the connection was dead: it is discarded and the domain gets another
-        connection, transparently. A MAIL failure is final for the domain (B-19, B-20).
+        A pooled connection gets its RSET here (B-60); if that RSET fails, the connection
+        was dead: it is discarded and the domain gets another connection, transparently.
+        A failure after the RSET was answered is the envelope's (B-63, B-102). A MAIL failure is final for the domain (B-19, B-20).
         """
         out: dict[str, SMTPError | None] = {}
         for attempt in range(2):
@@ -413,7 +413,9 @@ class RemoteDelivery:
             except SMTPError as e:
                 conn.close()
                 dc.conn = None
-                if dc.pending_rset and attempt == 0:
+                # Only a failed RSET shows a dead pooled connection (B-60); an error after
+                # the server answered it is the envelope's own (B-63, B-102).
+                if dc.pending_rset and attempt == 0 and not conn.rset_answered:
                     self.log.debug("pooled connection is dead, opening another", domain=dc.domain, reason=str(e))
                     dc.pending_rset = False
                     try:

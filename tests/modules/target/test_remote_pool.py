@@ -85,6 +85,22 @@ def test_rset_421_when_taken_B_60(std_world, rh, exts):
         assert "MAIL" not in first.verbs[first.verbs.index("RSET"):]
 
 
+def test_a_timeout_after_the_reuse_rset_was_answered_fails_the_recipient_B_102_B_60(std_world, rh):
+    """B-102 over B-60: on a pooled connection the RSET is answered, then the RCPT reply
+    takes longer than command_timeout: the connection was alive, so this is not B-60's
+    transparent reconnect: the recipient fails 450 4.4.2 and no other connection is opened.
+    (With PIPELINING a server answers the whole batch at once, so a slow RCPT also holds
+    back the RSET's reply: that looks like a dead connection and gets B-60's new one.)"""
+    srv = std_world.servers[0]
+    srv.extensions = ()
+    t = std_world.target("command_timeout 300ms")
+    rh.deliver(t, ["a@example.test"])
+    srv.replies["RCPT"] = lambda _s, _l: gevent.sleep(1)
+    _, res = rh.deliver(t, ["b@example.test"])
+    rh.assert_err(res["b@example.test"], 450, "4.4.2", "Network I/O error", True)
+    assert len(srv.sessions) == 1 and srv.sessions[0].verbs.count("RSET") == 2, [s.verbs for s in srv.sessions]
+
+
 def test_rset_fails_before_parking_B_60(std_world, rh):
     """B-60: the RSET before parking fails → the connection is discarded and the next
     delivery transparently opens a new one (the parking RSET's reply is read at reuse)."""
