@@ -328,11 +328,17 @@ class TLSAMatch:
         return self.matched
 
 
+#: The length of the association data of each digest matching type.
+_DIGEST_LENGTH = {1: 32, 2: 64}
+
+
 def usable_records(records: Iterable[TLSARecord]) -> list[TLSARecord]:
-    """usable_records keeps DANE-TA/DANE-EE records with known selector and type (C-90)."""
+    """usable_records keeps DANE-TA/DANE-EE records with known selector and type (C-90).
+    A malformed record, whose digest has the wrong length for its type or whose data is
+    empty, can match nothing and is unusable too (Postfix skips such records as well)."""
     return [r for r in records
             if r.usage in (USAGE_DANE_TA, USAGE_DANE_EE) and r.selector in _USABLE_SELECTORS
-            and r.mtype in _USABLE_MTYPES]
+            and r.mtype in _USABLE_MTYPES and r.data and len(r.data) == _DIGEST_LENGTH.get(r.mtype, len(r.data))]
 
 
 def spki_der(cert_der: bytes) -> bytes:

@@ -202,6 +202,17 @@ def test_unusable_records_are_skipped(self_signed, params):
     assert not match_tlsa([rec], [_der(self_signed)], NAMES, now=NOW)
 
 
+@pytest.mark.parametrize("params,data", [((3, 1, 1), b"x" * 31), ((3, 1, 2), b"x" * 32), ((2, 0, 1), b"x" * 33),
+                                         ((3, 1, 0), b"")], ids=["C-90-sha256-short", "C-90-sha512-short",
+                                                                 "C-90-sha256-long", "C-90-exact-empty"])
+def test_malformed_records_are_unusable(params, data):
+    """C-90: a digest of the wrong length for its matching type (or no data) can match
+    nothing: the record is unusable, so a set of only such records is 'only unusable'."""
+    rec = TLSARecord(*params, data)
+    assert usable_records([rec]) == []
+    assert usable_records([rec, TLSARecord(3, 1, 1, b"x" * 32)]) == [TLSARecord(3, 1, 1, b"x" * 32)]
+
+
 def test_usable_records_still_decide_next_to_unusable_ones(self_signed):
     """C-90: records with other values are skipped and the usable ones still decide."""
     records = [TLSARecord(1, 1, 1, b"\0" * 32), TLSARecord(3, 7, 1, b""), _rec(3, 1, 2, self_signed)]
