@@ -224,6 +224,8 @@ class Queue(ModuleBase):
         self._running: set[str] = set()
         #: Messages accepted and not yet attempted, kept so the first attempt skips the reads.
         self._fresh: dict[str, tuple[QueueMeta, bytes, bytes]] = {}
+        #: Records an attempt could not write back (a full disk): newer than the file.
+        self._unwritten: dict[str, QueueMeta] = {}
         self._scheduler: gevent.Greenlet | None = None
 
     @property
@@ -306,6 +308,7 @@ class Queue(ModuleBase):
     def remove(self, msg_id: str, partial: bool = False) -> None:
         """remove deletes a message's files (``partial``: also a half-written meta)."""
         self._fresh.pop(msg_id, None)
+        self._unwritten.pop(msg_id, None)
         for ext in ("meta", "meta.new", "header", "body") if partial else ("meta", "header", "body"):
             try:
                 os.unlink(self._path(msg_id, ext))
@@ -441,7 +444,10 @@ class Queue(ModuleBase):
             try:
                 qm = self.read_meta(msg_id)
             except FileNotFoundError:
+                self._unwritten.pop(msg_id, None)
                 return  # dropped meanwhile
+            # the file is behind when the last attempt could not write its record back
+            qm = self._unwritten.pop(msg_id, qm)
             with open(self._path(msg_id, "header"), "rb") as f:
                 header = f.read()
             with open(self._path(msg_id, "body"), "rb") as f:
@@ -486,7 +492,14 @@ class Queue(ModuleBase):
             self.log.info("dropped during the attempt", msg_id=msg_id)
             self.remove(msg_id)
             return
-        self._write_meta(qm)
+        try:
+            self._write_meta(qm)
+        except OSError as e:
+            # Not a crash (D-21): the message is on disk, only its record is behind. The
+            # newer record is kept for the next attempt, so that no recipient delivered
+            # now is sent again, and written then.
+            self.log.error("cannot update queue entry, keeping it in memory", e, msg_id=msg_id)
+            self._unwritten[msg_id] = qm
         self.log.info("will retry", msg_id=msg_id, rcpts=len(still), next_try_delay=round(delay, 2))
         self.schedule(msg_id, now + delay)
 

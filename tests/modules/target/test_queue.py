@@ -595,3 +595,28 @@ def test_a_message_dropped_during_its_attempt_stays_dropped(queue):
     g.get(timeout=5)
     assert os.listdir(q.location) == [] and msg_id not in q.next_attempts()
 
+
+def test_a_record_that_cannot_be_written_back_is_kept_for_the_next_attempt_D_7_D_21(queue, monkeypatch):
+    """D-7/D-21: after an attempt delivered a and deferred b, writing the record fails (a
+    full disk). That is no crash: the message is not set aside; the next attempt sends to
+    b only (a is not delivered twice) and writes the record."""
+    q, t, _ = queue()
+    msg_id, _ = submit(q, ["a@x.test", "b@x.test"])
+    t.script[(1, "b@x.test")] = TEMP
+    real = q._write_meta
+
+    def full(qm):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(q, "_write_meta", full)
+    q.attempt(msg_id)
+    assert sorted(os.listdir(q.location)) == sorted(f"{msg_id}.{e}" for e in ("header", "body", "meta"))
+    assert msg_id in q.next_attempts()
+    assert q.read_meta(msg_id).pending == ["a@x.test", "b@x.test"]  # the file is behind
+    monkeypatch.setattr(q, "_write_meta", real)
+    t.script[(2, "b@x.test")] = TEMP
+    q.attempt(msg_id)
+    assert [(n, r) for n, r, _ in t.delivered] == [(1, "a@x.test")]
+    qm = q.read_meta(msg_id)
+    assert qm.pending == ["b@x.test"] and qm.tries["b@x.test"] == 2
+
