@@ -649,17 +649,28 @@ class _Session:
         self.idle_commands = 0
         self.reply(MAIL_OK)
 
-    def _mail_params(self, params: list[str], meta: MsgMetadata) -> Reply | None:
-        """_mail_params applies the MAIL parameters to ``meta``; returns a refusal or None."""
+    def _split_params(self, verb: str, params: list[str]) -> tuple[list[tuple[str, str, str]], Reply | None]:
+        """_split_params splits ``KEY[=value]`` parameters of MAIL or RCPT into (upper-case
+        key, "=" or "", value); a refusal when they need EHLO or a key is repeated."""
         if params and not self.esmtp:
-            return Reply(501, "5.5.4", "MAIL parameters need EHLO")
+            return [], Reply(501, "5.5.4", f"{verb} parameters need EHLO")
+        out: list[tuple[str, str, str]] = []
         seen: set[str] = set()
         for p in params:
             key, eq, value = p.partition("=")
             key = key.upper()
             if key in seen:
-                return Reply(501, "5.5.4", f"Duplicate MAIL parameter: {key}")
+                return [], Reply(501, "5.5.4", f"Duplicate {verb} parameter: {key}")
             seen.add(key)
+            out.append((key, eq, value))
+        return out, None
+
+    def _mail_params(self, params: list[str], meta: MsgMetadata) -> Reply | None:
+        """_mail_params applies the MAIL parameters to ``meta``; returns a refusal or None."""
+        split, problem = self._split_params("MAIL", params)
+        if problem is not None:
+            return problem
+        for key, eq, value in split:
             if key == "SIZE":
                 if not value.isdigit() or len(value) > 20:
                     return Reply(501, "5.5.4", "Malformed SIZE parameter")
@@ -728,15 +739,10 @@ class _Session:
 
     def _rcpt_params(self, params: list[str]) -> Reply | None:
         """_rcpt_params checks the DSN parameters of RCPT [RFC 3461 §4.1, §4.2]."""
-        if params and not self.esmtp:
-            return Reply(501, "5.5.4", "RCPT parameters need EHLO")
-        seen: set[str] = set()
-        for p in params:
-            key, _, value = p.partition("=")
-            key = key.upper()
-            if key in seen:
-                return Reply(501, "5.5.4", f"Duplicate RCPT parameter: {key}")
-            seen.add(key)
+        split, problem = self._split_params("RCPT", params)
+        if problem is not None:
+            return problem
+        for key, _, value in split:
             if key == "NOTIFY":
                 words = value.upper().split(",")
                 if not (words == ["NEVER"] or (words and set(words) <= {"SUCCESS", "FAILURE", "DELAY"}
