@@ -251,6 +251,15 @@ def test_helo_has_no_extensions(client):
     assert c.cmd("RCPT TO:<b@y.test> NOTIFY=NEVER") == (501, ["RCPT parameters need EHLO"])
 
 
+def test_a_repeated_parameter_is_refused(client):
+    """A MAIL or RCPT parameter given twice (in any case) is a syntax error [RFC 5321 §4.1.1.11]."""
+    c, _, _ = client()
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<a@x.test> BODY=8BITMIME body=7BIT") == (501, ["5.5.4 Duplicate MAIL parameter: BODY"])
+    assert c.cmd("MAIL FROM:<a@x.test> BODY=8BITMIME")[0] == 250
+    assert c.cmd("RCPT TO:<b@y.test> NOTIFY=NEVER NOTIFY=NEVER") == (501, ["5.5.4 Duplicate RCPT parameter: NOTIFY"])
+
+
 def test_enhanced_codes_after_ehlo(client):
     """ENHANCEDSTATUSCODES: after EHLO every reply carries its enhanced code [RFC 2034]."""
     c, _, _ = client()
