@@ -187,31 +187,21 @@ def test_starttls_454_is_temporary_B_50(std_world, rh):
                   "No usable MXs, last err: mx.example.test. said: TLS not available", True)
 
 
-def test_ehlo_in_tls_rejected_plaintext_B_51(std_world, rh):
-    """B-51: TLS succeeds but EHLO inside TLS is rejected → plaintext fallback as in B-48."""
+@pytest.mark.parametrize("reply", [b"554 5.7.0 Not today\r\n", b"421 4.7.0 Not today\r\n"], ids=["554", "421"])
+def test_ehlo_in_tls_rejected_plaintext_B_51(std_world, rh, reply):
+    """B-51: TLS succeeds but EHLO inside TLS is rejected → plaintext fallback as in B-48,
+    on a new connection. A 421 is a rejection like any other (the server answered, then
+    closed), not a failed MX."""
     w = std_world
     w.servers[0].stop()
-    srv = tls_mx(w, replies={"EHLO": lambda s, _l: b"554 5.7.0 Not today\r\n" if s.tls else None})
-    t = w.target()
-    d, res = rh.deliver(t, ["test@example.test"])
-    assert res == {"test@example.test": None}
-    assert len(srv.sessions) == 2 and srv.sessions[0].tls
-    assert "STARTTLS" not in srv.sessions[1].verbs and len(srv.sessions[1].delivered) == 1
-    assert d.describe("test@example.test")["tls_level"] == "none"
-    assert len(w.logs("TLS error, trying plaintext")) == 1
-
-
-def test_ehlo_in_tls_answered_421_plaintext_B_51(std_world, rh):
-    """B-51: a 421 to the EHLO inside TLS is a rejection like any other (the server answered,
-    then closed): plaintext fallback on a new connection, not a failed MX."""
-    w = std_world
-    w.servers[0].stop()
-    srv = tls_mx(w, replies={"EHLO": lambda s, _l: b"421 4.7.0 Not today\r\n" if s.tls else None})
+    srv = tls_mx(w, replies={"EHLO": lambda s, _l: reply if s.tls else None})
     t = w.target()
     d, res = rh.deliver(t, ["test@example.test"])
     assert res == {"test@example.test": None}
     assert len(srv.sessions) == 2 and srv.sessions[0].tls and not srv.sessions[1].tls
+    assert "STARTTLS" not in srv.sessions[1].verbs and len(srv.sessions[1].delivered) == 1
     assert d.describe("test@example.test")["tls_level"] == "none"
+    assert len(w.logs("TLS error, trying plaintext")) == 1
 
 
 def test_min_tls_encrypted_handshake_impossible_B_52(std_world, rh):
