@@ -370,7 +370,7 @@ class SMTPConnection:
         if "SIZE" not in self.extensions:
             return None
         param = self.extensions["SIZE"].split()
-        if param and param[0].isdigit():
+        if param and param[0].isascii() and param[0].isdigit():
             return int(param[0])
         return 0
 
@@ -565,6 +565,8 @@ class SMTPConnection:
                     if reply.code == codes.OK:
                         mail_result = reply
                         continue
+                    if reply.code < 400:  # as _expect does without pipelining (B-99)
+                        raise self._fail(f"unexpected reply to MAIL: {reply.code}")
                     mail_result = self._reply_error(reply, "MAIL")
                     outcome: Reply | SMTPError = mail_result
                 else:
@@ -603,6 +605,7 @@ class SMTPConnection:
             raise ValueError("data() called without an accepted recipient")
         reply = self._exchange(b"DATA\r\n", "DATA")
         self._expect(reply, (codes.START_MAIL_INPUT,), "DATA")
+        self._nothing_unasked("the message")
         self._send_payload(b"", prepare_body(b"".join(parts)), "body")
         return self._content_reply("end of data")
 
@@ -619,6 +622,7 @@ class SMTPConnection:
         if self._accepted_rcpts <= 0:
             raise ValueError("bdat() called without an accepted recipient")
         self._settle()
+        self._nothing_unasked("BDAT")
         content = canonical_body(b"".join(parts))
         head = b"BDAT %d LAST\r\n" % len(content)
         self._send_payload(head, content, "BDAT")
@@ -636,6 +640,12 @@ class SMTPConnection:
         if self.supports("CHUNKING"):
             return self.bdat(*parts)
         return self.data(*parts)
+
+    def _nothing_unasked(self, what: str) -> None:
+        """_nothing_unasked fails the connection when the server has sent a reply nothing
+        asked for: read after the content, it would be taken for the message's (B-99)."""
+        if self._rbuf:
+            raise self._fail(f"reply nobody asked for, before {what}")
 
     def _content_reply(self, what: str) -> Reply:
         """_content_reply reads the reply to the message content (bounded by the submission

@@ -1188,3 +1188,64 @@ def test_a_bound_ends_with_its_wait_b102(smtp_server: Any) -> None:
     gevent.sleep(0.5)
     assert conn.mail("b@example.com").code == 250
     conn.quit()
+
+
+def _scripted(replies: list[bytes], exts: bytes, seen: list[bytes]) -> Any:
+    """_scripted is a handler: greeting, EHLO with ``exts``, then one reply (or None: none)
+    per read of the client's data; what the client sent is kept in ``seen``."""
+
+    def handler(sock: Any) -> None:
+        sock.sendall(b"220 mx\r\n")
+        sock.recv(4096)
+        sock.sendall(b"250-mx\r\n" + exts + b"250 8BITMIME\r\n")
+        for reply in replies:
+            data = sock.recv(65536)
+            if not data:
+                return
+            seen.append(data)
+            if reply:
+                sock.sendall(reply)
+        gevent.sleep(1)
+
+    return handler
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+def test_a_reply_nobody_asked_for_is_not_taken_for_the_messages_b99(raw_server: Any, chunking: bool) -> None:
+    """B-99: the server sends one reply too many with the envelope's. Read after the
+    content, it would be taken for the message's (here the message is refused): the
+    connection fails as a protocol error, 450 4.4.2, before the content is sent."""
+    exts = b"250-PIPELINING\r\n" + (b"250-CHUNKING\r\n" if chunking else b"")
+    seen: list[bytes] = []
+    replies = [b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 unasked\r\n"]
+    replies += [b"554 5.6.0 rejected\r\n"] if chunking else [b"354 go\r\n", b"554 5.6.0 rejected\r\n"]
+    conn = open_session(raw_server(_scripted(replies, exts, seen)))
+    mail, rcpts = conn.mail_rcpts("a@example.com", None, ["b@example.test"])
+    assert mail.code == 250 and rcpts[0].code == 250
+    with pytest.raises(NetworkError) as e:
+        conn.send_message(MESSAGE)
+    assert (e.value.code, e.value.enhanced, e.value.temporary) == (450, (4, 4, 2), True)
+    assert conn.broken and not any(b"Subject" in s for s in seen)
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_a_positive_reply_other_than_250_to_mail_is_a_protocol_error_b97_b99(raw_server: Any,
+                                                                            pipelining: bool) -> None:
+    """B-97/B-99: MAIL needs 250; a 251 (or any other positive reply) is a protocol error,
+    450 4.4.2 temporary, the same with and without PIPELINING."""
+    exts = b"250-PIPELINING\r\n" if pipelining else b""
+    replies = [b"251 2.1.0 odd\r\n250 2.1.5 ok\r\n"] if pipelining else [b"251 2.1.0 odd\r\n"]
+    conn = open_session(raw_server(_scripted(replies, exts, [])))
+    with pytest.raises(NetworkError) as e:
+        conn.mail_rcpts("a@example.com", None, ["b@example.test"])
+    assert (e.value.code, e.value.enhanced, e.value.temporary) == (450, (4, 4, 2), True)
+    assert conn.broken
+
+
+def test_a_size_that_is_not_ascii_digits_is_no_maximum_b93(raw_server: Any) -> None:
+    """B-93: ``SIZE ²`` (a digit to str.isdigit, not to int) or ``SIZE ١٢٣`` is no fixed
+    maximum (0), not a crash and not 123."""
+    for param in ("²", "١٢٣"):
+        conn = open_session(raw_server(_scripted([], f"250-SIZE {param}\r\n".encode(), [])))
+        assert conn.max_size == 0
+        conn.close()
