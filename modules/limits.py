@@ -34,7 +34,7 @@ from maddylite.config.nodes import ConfigNode
 from maddylite.config.values import parse_duration_text
 from maddylite.interfaces import Limits as LimitsRole
 from maddylite.registry import Builder, ModuleBase, register
-from maddylite.smtp.errors import HIGH_LOAD
+from maddylite.smtp.errors import HIGH_LOAD, Cancelled
 
 SCOPES = ("all", "ip", "source", "destination")
 KINDS = ("rate", "concurrency")
@@ -172,7 +172,8 @@ class _Scope:
                 if not sem.take(max(0.0, deadline - time.monotonic()), cancel):
                     raise HIGH_LOAD.error(reason=_REASONS[self.name])
         except gevent.GreenletExit:
-            raise HIGH_LOAD.error(reason=_REASONS[self.name]) from None
+            err = HIGH_LOAD.error(reason=_REASONS[self.name])
+            raise Cancelled(err.code, err.enhanced, err.message, fields=err.fields) from None
 
     def release(self, key: str) -> None:
         if self.conc is not None:
@@ -256,12 +257,14 @@ class Limits(ModuleBase):
         ]
 
     def take_msg(self, src_ip: str | None, source_domain: str) -> None:
-        """take_msg waits for the all, ip and source slots (held until release_msg)."""
+        """take_msg waits for the all, ip and source slots (held until release_msg), at
+        most ``wait`` seconds for all of them together (B-112)."""
         taken: list[tuple[_Scope, str]] = []
+        deadline = time.monotonic() + self.wait
         try:
             for scope, key in self._msg_keys(src_ip, source_domain):
                 if scope.active:
-                    scope.take(key, self.wait, self.closed)
+                    scope.take(key, max(0.0, deadline - time.monotonic()), self.closed)
                     taken.append((scope, key))
         except BaseException:
             for scope, key in reversed(taken):

@@ -132,6 +132,12 @@ def _restore(cls: type[SMTPError], state: dict[str, Any]) -> SMTPError:
     return obj
 
 
+class Cancelled(SMTPError):
+    """Cancelled is the error of a wait ended by killing the waiting greenlet (B-119: the
+    same codes as a timeout). Whoever answers a client with it ends afterwards, as the
+    kill asked, instead of serving on."""
+
+
 class NetworkError(SMTPError):
     """NetworkError is ``450 4.4.2 "Network I/O error"`` temp: the connection is unusable.
 

@@ -81,7 +81,7 @@ from maddylite.log import Logger
 from maddylite.registry import ModuleBase, register
 from maddylite.smtp.client import header_address
 from maddylite.smtp.codes import format_enhanced
-from maddylite.smtp.errors import SMTPError
+from maddylite.smtp.errors import Cancelled, SMTPError
 from maddylite.tls import TLS_SERVER_TYPE, TLSServerConfig
 
 #: Longest command line accepted, CRLF included [RFC 5321 §4.5.3.1.4, raised for extensions].
@@ -430,6 +430,9 @@ class _Session:
         """reply_err replies with an SMTPError's codes; other errors become 451 4.3.0."""
         if isinstance(err, SMTPError):
             self.reply(err.code, format_enhanced(err.enhanced), err.message or "Error")
+            if isinstance(err, Cancelled):  # the session was killed while it waited (B-119)
+                self.flush()
+                raise gevent.GreenletExit
             return
         self.ep.log.error(f"{what} failed", err, src_ip=self.peer_ip)
         self.reply(INTERNAL_ERROR)

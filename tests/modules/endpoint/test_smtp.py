@@ -906,6 +906,27 @@ def test_limits_refusal_is_the_mail_reply(client, monkeypatch):
     assert code == 451 and lines[0].startswith("4.4.5")
 
 
+def test_a_session_killed_while_it_waits_for_a_slot_ends_B_119_E_7(client):
+    """B-119/E-7: stop kills the sessions still open after shutdown_timeout; one waiting for
+    a limits slot gets the 451 4.4.5 of a timeout, then the connection ends (the kill is
+    not lost in the error: the session does not serve on)."""
+    c, target, ep = client(body="limits {\n all concurrency 1\n}\nshutdown_timeout 1s")
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<a@x.test>")[0] == 250  # holds the only slot
+    c2 = Client(ep.addresses[0].port)
+    c2.reply()
+    c2.cmd("EHLO other.test")
+    c2.send(b"MAIL FROM:<b@x.test>\r\n")  # waits for the slot (5 s)
+    gevent.sleep(0.2)
+    ep.stop(0.2)
+    code, lines = c2.reply()
+    assert code == 451 and lines[0].startswith("4.4.5")
+    assert c2.reply()[0] == 421  # shutting down
+    assert c2.closed()
+    assert len(ep._sessions) == 0
+    c2.close()
+
+
 # -- the check directive -------------------------------------------------------------------------------
 
 

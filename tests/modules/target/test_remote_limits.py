@@ -53,6 +53,21 @@ def test_all_concurrency_B_112(std_world, rh):
     d1.abort()
 
 
+def test_one_wait_bounds_all_message_scopes_together_B_112(std_world, rh):
+    """B-112: the message-level wait (all, ip, source) is one bound for all of them: a
+    delivery that waits out most of it for `all` gets only the rest for `source`."""
+    t = limited(std_world, ["all concurrency 2", "source concurrency 1"], wait=0.6)
+    d1 = start(t, sender="a@one.test")  # all 1/2, source one.test 1/1
+    d2 = start(t, sender="b@two.test")  # all 2/2
+    gevent.spawn_later(0.4, d2.abort)  # `all` frees after 0.4 s of d3's wait
+    t0 = time.monotonic()
+    err = start(t, sender="c@one.test")  # then waits for one.test's source slot
+    took = time.monotonic() - t0
+    assert_high_load(rh, err, "Source limit timeout")
+    assert 0.55 <= took < 0.85, took  # not 0.4 + a fresh 0.6
+    d1.abort()
+
+
 def test_all_concurrency_waiter_proceeds_B_112(std_world, rh):
     """B-112: delivery 2 proceeds as soon as delivery 1 finishes within the wait."""
     t = limited(std_world, ["all concurrency 1"], wait=3)
