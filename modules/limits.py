@@ -31,7 +31,7 @@ import gevent.lock
 
 from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
-from maddylite.config.values import parse_duration_text
+from maddylite.config.values import integer_text, parse_duration_text
 from maddylite.interfaces import Limits as LimitsRole
 from maddylite.registry import Builder, ModuleBase, register
 from maddylite.smtp.errors import HIGH_LOAD, Cancelled
@@ -196,7 +196,7 @@ def parse_rule(node: ConfigNode) -> Rule:
         raise ConfigError(f"unknown limit kind: {kind}")
 
     def number(text: str) -> int:
-        if not text.lstrip("+-").isdigit():
+        if not integer_text(text):
             raise ConfigError(f"invalid integer: {text}")
         value = int(text)
         if value < 0:

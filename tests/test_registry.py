@@ -191,6 +191,10 @@ def test_policy_arguments_A_96(build_config):
         ("all rate x", "invalid integer: x"),
         ("all concurrency -1", "must not be negative"),
         ("all rate -2", "must not be negative"),
+        ("all rate --5", "invalid integer: --5"),
+        ("all concurrency +-5", "invalid integer: +-5"),
+        ("all concurrency ²", "invalid integer: ²"),
+        ("all concurrency ١٢", "invalid integer: ١٢"),
     ],
 )
 def test_limits_rules_A_97(build_config, rule, phrase):

@@ -213,7 +213,7 @@ def parse_address(text: str) -> Address:
             raise ConfigError(f"invalid address {text!r}: expected host:port")
         if ":" in host:
             raise ConfigError(f"invalid address {text!r}: IPv6 addresses must be in brackets")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not values.ascii_digits(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"invalid address {text!r}: bad port {port_text!r}")
     return Address(scheme, host, int(port_text))
 

@@ -34,12 +34,23 @@ def parse_bool(args: Sequence[str]) -> bool:
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
+def ascii_digits(text: str) -> bool:
+    """ascii_digits tells whether ``text`` is one or more of 0-9. (``str.isdigit`` also takes
+    ``²`` and the digits of other scripts, which ``int`` refuses or reads as numbers.)"""
+    return text.isascii() and text.isdigit()
+
+
+def integer_text(text: str) -> bool:
+    """integer_text tells whether ``text`` is a decimal integer with an optional sign (A-73)."""
+    return _INT_RE.fullmatch(text) is not None
+
+
 def parse_int(args: Sequence[str], *, minimum: int | None = None, maximum: int | None = None) -> int:
     """parse_int reads one decimal integer with an optional sign (A-73)."""
     if len(args) != 1:
         raise ConfigError("expected 1 argument")
     text = args[0]
-    if not _INT_RE.fullmatch(text):
+    if not integer_text(text):
         raise ConfigError(f"invalid integer: {text}")
     value = int(text, 10)
     if minimum is not None and value < minimum:

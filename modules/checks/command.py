@@ -55,6 +55,7 @@ from gevent import subprocess as gsubprocess
 from maddylite.config.directives import Bool, Custom, Directive, Duration, Enum, Settings
 from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
+from maddylite.config.values import ascii_digits
 from maddylite.interfaces import Check, MsgMetadata
 from maddylite.log import Logger
 from maddylite.registry import ModuleBase, register
@@ -89,7 +90,7 @@ DEFAULT_ACTIONS: dict[int, Action] = {1: Action("reject"), 2: Action("quarantine
 
 def _parse_enhanced(text: str) -> EnhancedCode:
     parts = text.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+    if len(parts) != 3 or not all(ascii_digits(p) and len(p) <= 3 for p in parts):
         raise ConfigError(f"invalid enhanced code: {text} (expected N.N.N)")
     return int(parts[0]), int(parts[1]), int(parts[2])
 
@@ -115,7 +116,7 @@ def parse_action(args: list[str]) -> Action:
         return Action("reject")
     if len(rest) > 3:
         raise ConfigError("reject takes at most 3 arguments: code, enhanced code and message")
-    if not rest[0].isdigit() or not is_valid_code(int(rest[0])) or int(rest[0]) // 100 not in (4, 5):
+    if not ascii_digits(rest[0]) or not is_valid_code(int(rest[0])) or int(rest[0]) // 100 not in (4, 5):
         raise ConfigError(f"invalid reply code: {rest[0]} (a 4xx or 5xx code is expected)")
     code = int(rest[0])
     enhanced = (code // 100, 7, 0)
@@ -138,7 +139,7 @@ def _parse_code(node: ConfigNode, builder: Any) -> tuple[int, Action]:
     if len(node.args) < 2:
         raise ConfigError("at least two arguments are required: <code> <action>")
     text = node.args[0]
-    if not text.isdigit() or not 1 <= int(text) <= 255:
+    if not ascii_digits(text) or not 1 <= int(text) <= 255:
         raise ConfigError(f"invalid exit code: {text} (1 to 255)")
     return int(text), parse_action(list(node.args[1:]))
 

@@ -76,6 +76,7 @@ from maddylite.config.directives import (
 from maddylite.config.directives import String as StringType
 from maddylite.config.errors import ConfigError
 from maddylite.config.nodes import ConfigNode
+from maddylite.config.values import ascii_digits
 from maddylite.interfaces import Check, Delivery, DeliveryTarget, Endpoint, Limits, MsgMetadata
 from maddylite.log import Logger
 from maddylite.registry import ModuleBase, register
@@ -675,7 +676,7 @@ class _Session:
             return problem
         for key, eq, value in split:
             if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
+                if not ascii_digits(value) or len(value) > 20:
                     return Reply(501, "5.5.4", "Malformed SIZE parameter")
                 if int(value) > self.ep.settings.max_message_size:
                     return TOO_BIG

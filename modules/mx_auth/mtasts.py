@@ -64,6 +64,7 @@ import gevent.ssl
 from maddylite import dns
 from maddylite.config.directives import Directive, Enum, Settings, String
 from maddylite.config.errors import ConfigError
+from maddylite.config.values import ascii_digits
 from maddylite.flights import SharedFlights
 from maddylite.interfaces import MXAuthPolicy
 from maddylite.log import Logger
@@ -358,7 +359,7 @@ def _fetch(domain: str, resolver: Any, ctx: ssl.SSLContext, port: int, max_size:
             if ctype is None or ctype.split(";", 1)[0].strip(" \t").lower() != "text/plain":
                 raise MTASTSError(f"mtasts: unexpected Content-Type: {ctype or 'none'}")
             length = resp.getheader("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > max_size:
+            if length is not None and ascii_digits(length.strip()) and int(length) > max_size:
                 raise MTASTSError(f"mtasts: the policy is larger than {max_size} bytes")
             body = resp.read(max_size + 1)
         except (OSError, http.client.HTTPException, ValueError) as e:

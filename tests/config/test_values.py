@@ -122,3 +122,23 @@ def test_string_A_76():
     assert values.parse_string(["a"]) == "a"
     with pytest.raises(ConfigError, match="expected 1 argument"):
         values.parse_string(["a", "b"])
+
+
+@pytest.mark.parametrize("port", ["²", "٢٥", "-1", "65536", ""])
+def test_an_endpoint_port_is_ascii_digits_in_range(port):
+    """A-73 (decimal digits): a port of other digits than 0-9, or out of range, is a
+    configuration error, not a crash (``int("²")``) and not port 25 (``int("٢٥")``)."""
+    from maddylite.config.directives import parse_address
+
+    with pytest.raises(ConfigError) as e:
+        parse_address(f"tcp://127.0.0.1:{port}")
+    assert "bad port" in str(e.value)
+    assert parse_address("tcp://127.0.0.1:25").port == 25
+
+
+def test_ascii_digits_and_integer_text():
+    assert values.ascii_digits("0123") and not values.ascii_digits("²") and not values.ascii_digits("١٢")
+    assert not values.ascii_digits("") and not values.ascii_digits("+1")
+    assert values.integer_text("-12") and values.integer_text("+0") and not values.integer_text("--1")
+    assert not values.integer_text("١") and not values.integer_text("1.0")
+

@@ -260,6 +260,15 @@ def test_a_repeated_parameter_is_refused(client):
     assert c.cmd("RCPT TO:<b@y.test> NOTIFY=NEVER NOTIFY=NEVER") == (501, ["5.5.4 Duplicate RCPT parameter: NOTIFY"])
 
 
+@pytest.mark.parametrize("size", ["x", "²", "١٢", "1" * 21])
+def test_a_malformed_size_parameter_is_refused(client, size):
+    """SIZE= must be ASCII digits [RFC 1870]: anything else is 501, not a crash of the session."""
+    c, _, _ = client()
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd(f"MAIL FROM:<a@x.test> SIZE={size}") == (501, ["5.5.4 Malformed SIZE parameter"])
+    assert c.cmd("MAIL FROM:<a@x.test> SIZE=100")[0] == 250
+
+
 def test_enhanced_codes_after_ehlo(client):
     """ENHANCEDSTATUSCODES: after EHLO every reply carries its enhanced code [RFC 2034]."""
     c, _, _ = client()
