@@ -61,6 +61,10 @@ def _cmd_directives(args: argparse.Namespace) -> int:
     return 0
 
 
+#: sysexits.h: the input could not be read (``deliver`` exits 0, 75 or 69 once it has a message).
+EX_NOINPUT = 66
+
+
 def _guard(fn):  # noqa: ANN001, ANN202 - decorator
     """_guard turns a ConfigError into a positioned message and exit status 1."""
 
@@ -84,8 +88,13 @@ def _cmd_deliver(args: argparse.Namespace) -> int:
     from maddylite.runtime import find_config
     from maddylite.tools import deliver
 
-    raw = sys.stdin.buffer.read()
-    return deliver(find_config(args.config), args.target, args.mail_from, args.to, raw)
+    source = find_config(args.config)
+    try:
+        raw = sys.stdin.buffer.read()
+    except (OSError, AttributeError, ValueError) as e:  # closed, unreadable or absent stdin
+        print(f"maddylite: cannot read the message from standard input: {e}", file=sys.stderr)
+        return EX_NOINPUT
+    return deliver(source, args.target, args.mail_from, args.to, raw)
 
 
 @_guard

@@ -136,3 +136,20 @@ def test_queue_list_flush_drop(tmp_path, capsys):
     assert main(["queue", "drop", "m1", "--config", str(conf)]) == 0
     assert not (qdir / "m1.meta").exists()
     assert main(["queue", "drop", "m1", "--config", str(conf)]) == 1
+
+
+@pytest.mark.parametrize("stdin", ["closed", "write-only"])
+def test_deliver_without_a_readable_message_says_so(tmp_path, stdin):
+    """`maddylite deliver` whose standard input cannot be read: a one-line error and exit 66
+    (EX_NOINPUT), not a traceback; nothing is sent."""
+    conf = tmp_path / "d.conf"
+    conf.write_text(f"state_dir {tmp_path}\nhostname mx.sender.test\ntarget.remote r {{ }}\n")
+    argv = [sys.executable, "-m", "maddylite", "deliver", "--config", str(conf), "--from", "a@example.com",
+            "--to", "b@example.invalid"]
+    if stdin == "closed":
+        p = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", *argv], capture_output=True, text=True, timeout=60)
+    else:
+        with open(tmp_path / "out", "w") as f:
+            p = subprocess.run(argv, stdin=f, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 66, p.stderr
+    assert "cannot read the message from standard input" in p.stderr and "Traceback" not in p.stderr
