@@ -114,13 +114,69 @@ class TLSClientConfig:
         return ctx
 
 
+#: maddy's cipher names (Go's, for TLS 1.2 and below) and the OpenSSL names they stand for.
+MADDY_CIPHERS = {
+    "RSA-WITH-RC4128-SHA": "RC4-SHA",
+    "RSA-WITH-3DES-EDE-CBC-SHA": "DES-CBC3-SHA",
+    "RSA-WITH-AES128-CBC-SHA": "AES128-SHA",
+    "RSA-WITH-AES256-CBC-SHA": "AES256-SHA",
+    "RSA-WITH-AES128-CBC-SHA256": "AES128-SHA256",
+    "RSA-WITH-AES128-GCM-SHA256": "AES128-GCM-SHA256",
+    "RSA-WITH-AES256-GCM-SHA384": "AES256-GCM-SHA384",
+    "ECDHE-ECDSA-WITH-RC4128-SHA": "ECDHE-ECDSA-RC4-SHA",
+    "ECDHE-ECDSA-WITH-AES128-CBC-SHA": "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-ECDSA-WITH-AES256-CBC-SHA": "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-WITH-RC4128-SHA": "ECDHE-RSA-RC4-SHA",
+    "ECDHE-RSA-WITH-3DES-EDE-CBC-SHA": "ECDHE-RSA-DES-CBC3-SHA",
+    "ECDHE-RSA-WITH-AES128-CBC-SHA": "ECDHE-RSA-AES128-SHA",
+    "ECDHE-RSA-WITH-AES256-CBC-SHA": "ECDHE-RSA-AES256-SHA",
+    "ECDHE-ECDSA-WITH-AES128-CBC-SHA256": "ECDHE-ECDSA-AES128-SHA256",
+    "ECDHE-RSA-WITH-AES128-CBC-SHA256": "ECDHE-RSA-AES128-SHA256",
+    "ECDHE-RSA-WITH-AES128-GCM-SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-WITH-AES128-GCM-SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-WITH-AES256-GCM-SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-WITH-AES256-GCM-SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-WITH-CHACHA20-POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-WITH-CHACHA20-POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+#: maddy's curve names and OpenSSL's.
+MADDY_CURVES = {"p256": "prime256v1", "p384": "secp384r1", "p521": "secp521r1", "X25519": "X25519"}
+
+
+def _parse_names(kind: str, table: dict[str, str], check: Any) -> Any:
+    """_parse_names reads ``ciphers`` or ``curves``: maddy's names (mapped to OpenSSL's) or
+    OpenSSL's own; a name OpenSSL does not know is a positioned error, as in maddy."""
+
+    def parse(node: ConfigNode, builder: Any) -> tuple[str, ...]:
+        if node.has_block:
+            raise ConfigError("can't declare block here")
+        if not node.args:
+            raise ConfigError("expected at least 1 argument, got 0")
+        names = tuple(table.get(a, a) for a in node.args)
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for arg, name in zip(node.args, names, strict=True):
+            try:
+                check(probe, name)
+            except (ssl.SSLError, ValueError):
+                if arg in table:
+                    raise ConfigError(f"{kind} not available in this OpenSSL: {arg} ({name})") from None
+                raise ConfigError(f"unknown {kind}: {arg}") from None
+        return names
+
+    return parse
+
+
 _CLIENT_SPECS = (
     Directive(name="root_ca", type=StringList(), default=(), help="PEM files with the trusted roots; replaces the system trust store."),
     Directive(name="cert", type=StringList(), default=None, help="Client certificate (PEM), presented when the server asks."),
     Directive(name="key", type=StringList(), default=None, help="Private key (PEM) of the client certificate."),
     Directive(name="protocols", type=Custom(fn=_parse_protocols, syntax_text="min [max]"), default=("tls1.2", "tls1.3"), help="Allowed TLS versions: tls1.0 tls1.1 tls1.2 tls1.3."),
-    Directive(name="ciphers", type=StringList(), default=(), help="OpenSSL cipher names for TLS 1.2 and below."),
-    Directive(name="curves", type=StringList(), default=(), help="Key exchange curves (the first is used)."),
+    Directive(name="ciphers", type=Custom(fn=_parse_names("cipher", MADDY_CIPHERS, lambda c, n: c.set_ciphers(n)),
+                                         syntax_text="name..."), default=(),
+              help="Cipher suites for TLS 1.2 and below: maddy's names (ECDHE-RSA-WITH-AES128-GCM-SHA256) or OpenSSL's."),
+    Directive(name="curves", type=Custom(fn=_parse_names("curve", MADDY_CURVES, lambda c, n: c.set_ecdh_curve(n)),
+                                        syntax_text="name..."), default=(),
+              help="Key exchange curves: p256 p384 p521 X25519 (maddy's names) or OpenSSL's; Python's ssl offers only the first."),
 )
 
 
@@ -157,6 +213,10 @@ def parse_tls_client(node: ConfigNode, builder: Any) -> TLSClientConfig:
             cfg.context(verify=True)
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"cannot load client certificate: {e}").at_node(node) from None
+    try:
+        cfg.context(verify=False)  # what OpenSSL refuses is a configuration error, not a failed delivery
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise ConfigError(f"tls_client: {e}").at_node(node) from None
     return cfg
 
 

@@ -250,6 +250,27 @@ def test_tls_client_A_101(build_config, tmp_path):
     assert (tc.min_version, tc.max_version) == ("tls1.2", "tls1.3")
 
 
+def test_tls_client_takes_maddys_cipher_and_curve_names_A_101(build_config):
+    """A-101: a maddy user's `ciphers` and `curves` lines work unchanged (maddy's names are
+    mapped to OpenSSL's; OpenSSL's own names work too); a name neither knows is a
+    positioned configuration error, not a failed handshake later."""
+    rt = build_config("hostname h\ntarget.remote r {\n tls_client {\n"
+                      "  ciphers ECDHE-RSA-WITH-AES128-GCM-SHA256 ECDHE-ECDSA-WITH-CHACHA20-POLY1305 AES256-SHA\n"
+                      "  curves p256 X25519\n }\n}\n")
+    tc = rt.instance("r").tls_client
+    assert tc.ciphers == ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305", "AES256-SHA")
+    assert tc.curves == ("prime256v1", "X25519")
+    names = {c["name"] for c in tc.context(verify=True).get_ciphers()}
+    assert {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305", "AES256-SHA"} <= names
+    assert "ECDHE-RSA-AES256-GCM-SHA384" not in names
+    for line, phrase in (("ciphers NO-SUCH-CIPHER", "unknown cipher: NO-SUCH-CIPHER"),
+                         ("curves nosuchcurve", "unknown curve: nosuchcurve"),
+                         ("ciphers RSA-WITH-RC4128-SHA", "cipher not available in this OpenSSL: RSA-WITH-RC4128-SHA"),
+                         ("curves", "expected at least 1 argument")):
+        e = err_of(build_config, f"hostname h\ntarget.remote r {{\n tls_client {{\n  {line}\n }}\n}}\n")
+        assert phrase in str(e) and (e.line, e.column) == (6, 3), (line, str(e))
+
+
 def test_inline_remote_marks_references_used_A_102(build_config):
     """A-102: a policy referenced only from an inline remote is not unused."""
     rt = build_config("hostname h\nmx_auth p { dnssec }\nsmtp tcp://127.0.0.1:0 {\n deliver_to remote {\n  mx_auth &p\n }\n}\n", require_endpoint=True)
