@@ -131,19 +131,26 @@ def _write_file(path: str, data: bytes) -> None:
 SELF = "self"
 
 
+_DSN_TARGET = ModuleRef(role=DeliveryTarget, namespace="target")
+
+
+def _parse_dsn_target(node: ConfigNode, builder: Any) -> Any:
+    """_parse_dsn_target reads ``deliver_to``: SELF for the queue being configured, else a
+    delivery target. A queue may send its DSNs through itself; that is no reference cycle,
+    since a DSN (null sender) never produces another DSN."""
+    current = builder.current_instance() if builder is not None else None
+    if current is not None and not node.has_block and len(node.args) == 1 \
+            and builder.resolves_to(node.args[0], current):
+        return SELF
+    return _DSN_TARGET.parse(node, builder)
+
+
 def _parse_bounce(node: ConfigNode, builder: Any) -> Any:
     if node.args:
         raise ConfigError("bounce takes no arguments, only a block")
-    # A queue may send its DSNs through itself; that is not a reference cycle, since a
-    # DSN (null sender) never produces another DSN.
-    current = builder.current_instance() if builder is not None else None
-    for child in node.block:
-        if child.name == "deliver_to" and current is not None and not child.has_block \
-                and len(child.args) == 1 and builder.resolves_to(child.args[0], current):
-            return SELF
-    specs = (Directive(name="deliver_to", type=ModuleRef(role=DeliveryTarget, namespace="target"), required=True,
-                       help="Where DSNs are delivered."),)
-    s = process(specs, node.block, block=node, builder=builder)
+    specs = (Directive(name="deliver_to", type=Custom(fn=_parse_dsn_target, syntax_text=_DSN_TARGET.syntax),
+                       required=True, help="Where DSNs are delivered."),)
+    s = process(specs, node.block, block=node, builder=builder)  # unknown, repeated or missing lines are errors
     return s.deliver_to
 
 
