@@ -160,6 +160,10 @@ def test_policy_children_A_94(build_config):
     assert "limits" in str(e) and "mx_auth policy" in str(e)
     rt = build_config("hostname h\nmx_auth p {\n debug yes\n dnssec\n}\n")
     assert rt.instance("p").debug is True
+    e = err_of(build_config, "hostname h\nmx_auth p {\n debug yes\n debug no\n}\n")
+    assert "duplicate directive: debug" in str(e) and e.line == 6  # A-77, as in any block
+    e = err_of(build_config, "hostname h\nmx_auth p {\n debug {\n }\n}\n")
+    assert "can't declare block here" in str(e) and e.line == 5
 
 
 def test_policy_blocks_are_strict_A_95(build_config):

@@ -37,9 +37,15 @@ class MXAuth(ModuleBase):
         self.debug = bool(builder.global_values.get("debug", False))
         self.log = Logger("mx_auth", self.debug)
         found: dict[str, ModuleBase] = {}
+        seen_debug = False
         for node in block.block:
             if node.name == "debug":
+                if seen_debug:
+                    raise ConfigError("duplicate directive: debug").at_node(node)
+                seen_debug = True
                 try:
+                    if node.has_block:
+                        raise ConfigError("can't declare block here")
                     self.debug = parse_bool(node.args)
                 except ConfigError as e:
                     raise e.at_node(node) from None
