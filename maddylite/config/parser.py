@@ -775,16 +775,15 @@ class _Expander:
         )
 
     def _locate(self, target: str, frame: _Frame, raw: _Raw) -> str:
-        """_locate finds the file an import names: exact name first, then ``.conf`` (A-55).
-
-        A folder is an error (A-60) unless ``<name>.conf`` exists as a file.
+        """_locate finds the file an import names: the exact name when it exists, else
+        ``<name>.conf`` (A-55). A folder is an error (A-60), also when ``<name>.conf``
+        exists beside it: the exact name wins.
         """
         path = target if os.path.isabs(target) else os.path.join(frame.folder, target)
         path = os.path.normpath(path)
         if os.path.isfile(path):
             return path
-        if os.path.isfile(path + ".conf"):
-            # Also when `name` is a folder: `sub.conf` beside `sub/` is what was meant.
+        if not os.path.exists(path) and os.path.isfile(path + ".conf"):
             return path + ".conf"
         for candidate, shown in ((path, target), (path + ".conf", target + ".conf")):
             if os.path.isdir(candidate):

@@ -570,7 +570,6 @@ def test_import_absolute_path(files):
         pytest.param({"inc": "exact", "inc.conf": "suffixed"}, "exact", id="A-55 exact wins"),
         pytest.param({"inc.conf": "suffixed"}, "suffixed", id="A-55 .conf fallback"),
         pytest.param({"inc": "exact"}, "exact", id="A-55 exact only"),
-        pytest.param({"inc/x.conf": "x", "inc.conf": "suffixed"}, "suffixed", id="A-55 dir too"),
     ],
 )
 def test_import_name_resolution(files, tree, expected):
@@ -697,9 +696,12 @@ def test_imports_inside_blocks_respect_the_nesting_limit(files):
     assert info.value.file == str(base / f"d{MAX_NESTING}.conf")
 
 
-def test_import_directory_is_an_error(files):
-    """A-60: importing a directory is an error at the import."""
-    base = files({"adir/x.conf": "x"})
+@pytest.mark.parametrize("tree", [{"adir/x.conf": "x"}, {"adir/x.conf": "x", "adir.conf": "suffixed"}],
+                         ids=["A-60", "A-55-A-60 exact name wins over .conf"])
+def test_import_directory_is_an_error(files, tree):
+    """A-60: importing a directory is an error at the import; A-55: the exact name wins, so
+    a folder is that error even with `<name>.conf` beside it."""
+    base = files(tree)
     err = error_of("a\nimport adir", base_dir=str(base))
     assert "adir is a directory" in err.message
     assert (err.line, err.column) == (2, 1)
