@@ -206,11 +206,11 @@ class Builder:
             self.endpoints.append(inst)
         if not self._endpoint_blocks:
             if require_endpoint:
-                pos = self.nodes[0] if self.nodes else None
                 err = ConfigError("at least one endpoint should be configured")
-                if pos is not None:
-                    err.at_node(pos)
-                raise err
+                if self.nodes:
+                    raise err.at_node(self.nodes[0])
+                source = getattr(self.runtime, "source", None)  # an empty file: its start
+                raise err.at(source.name, 1, 1) if source is not None else err
             self.warnings.append("at least one endpoint should be configured")
             # With no endpoint no block counts as unused, but every block is checked.
             for name, blk in list(self._blocks.items()):

@@ -281,6 +281,17 @@ def test_inline_remote_marks_references_used_A_102(build_config):
     assert rt.instance("p") is not None
 
 
+def test_an_empty_configuration_names_its_file_A_103(tmp_path):
+    """A-103 with the position every configuration error carries: a file with nothing but a
+    comment names the file, line 1, column 1."""
+    conf = tmp_path / "empty.conf"
+    conf.write_text("# nothing\n")
+    p = subprocess.run([sys.executable, "-m", "maddylite", "run", "--config", str(conf)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1
+    assert f"{conf}:1:1: at least one endpoint should be configured" in p.stderr
+
+
 def test_endpoint_rules_A_103(build_config):
     """A-103: run needs an endpoint; without one nothing is unused; with one, unused blocks are errors."""
     e = err_of(build_config, "hostname h\ntarget.remote r { }\n", require_endpoint=True)
