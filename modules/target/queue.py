@@ -548,6 +548,14 @@ class Queue(ModuleBase):
                     451, (4, 3, 0), "The delivery target gave no result for this recipient")
                 final.add(r)
             delivery.commit()
+        except gevent.GreenletExit:
+            # killed when stop's bound ran out (D-33): the delivery still lets go of its
+            # connections and slots (B-1)
+            try:
+                delivery.abort()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
         except Exception as e:  # noqa: BLE001 - anything unexpected fails the rest temporarily
             for r in rcpts:
                 if r not in final:

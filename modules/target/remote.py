@@ -770,30 +770,39 @@ class RemoteDelivery:
             return
         self.done = True
         t = self.t
-        for dc in self.domains.values():
-            conn = dc.conn
-            dc.conn = None
-            self._release_dest(dc)
-            if conn is None:
-                continue
-            reuse_limit = t.conn_reuse_limit
-            if conn.broken or reuse_limit <= 0 or conn.transactions >= reuse_limit or self.skip_policies:
-                conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
-                continue
-            try:
-                # sent once the message's reply is in (see send_message); its own reply
-                # is read with the next use (B-60)
-                conn.rset_deferred()
-            except SMTPError:
-                conn.close()
-                continue
-            cand = dc.cand
-            assert cand is not None
-            t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand))
-        for p in self._policies or ():
-            p.close()
-        if t.limits is not None:
-            t.limits.release_msg(self.meta.src_ip, _domain_of(self.mail_from))
+        try:
+            for dc in self.domains.values():
+                conn = dc.conn
+                dc.conn = None
+                self._release_dest(dc)
+                if conn is not None:
+                    self._park(dc, conn)
+        finally:
+            # whatever failed above, no slot and no connection is left behind (B-1)
+            for dc in self.domains.values():
+                self._release_dest(dc)
+            for p in self._policies or ():
+                p.close()
+            if t.limits is not None:
+                t.limits.release_msg(self.meta.src_ip, _domain_of(self.mail_from))
+
+    def _park(self, dc: _DomainConn, conn: SMTPConnection) -> None:
+        """_park puts a connection back in the pool, or ends it when it may not serve again."""
+        t = self.t
+        reuse_limit = t.conn_reuse_limit
+        if conn.broken or reuse_limit <= 0 or conn.transactions >= reuse_limit or self.skip_policies:
+            conn.quit()  # TLS-Required: No connections never serve other mail (B-66)
+            return
+        try:
+            # sent once the message's reply is in (see send_message); its own reply
+            # is read with the next use (B-60)
+            conn.rset_deferred()
+        except SMTPError:
+            conn.close()
+            return
+        cand = dc.cand
+        assert cand is not None
+        t.pool.put(dc.pool_key or t.pool_key(dc.domain, self.skip_policies), _Idle(conn, cand))
 
     def _release_dest(self, dc: _DomainConn) -> None:
         if dc.dest_slot and self.t.limits is not None:

@@ -37,6 +37,7 @@ if "test.scripted" not in MODULES:
             self.block = None
             self.active = 0
             self.max_active = 0
+            self.aborted = []  # attempts whose delivery was aborted
 
         def start_delivery(self, meta, mail_from):
             """start_delivery records the attempt."""
@@ -84,7 +85,7 @@ if "test.scripted" not in MODULES:
             pass
 
         def abort(self):
-            pass
+            self.t.aborted.append(self.n)
 
 
 class Clock:
@@ -632,4 +633,19 @@ def test_a_record_that_cannot_be_written_back_is_kept_for_the_next_attempt_D_7_D
     assert [(n, r) for n, r, _ in t.delivered] == [(1, "a@x.test")]
     qm = q.read_meta(msg_id)
     assert qm.pending == ["b@x.test"] and qm.tries["b@x.test"] == 2
+
+
+def test_an_attempt_killed_at_stop_lets_go_of_its_delivery_D_33(queue):
+    """D-33/B-1: stop waits for attempts up to its bound, then kills them; a killed attempt
+    still aborts its delivery, so the target closes its connections and frees its slots."""
+    q, t, _ = queue()
+    q.clock = time.time
+    t.block = gevent.event.Event()  # never set: the attempt hangs in the body step
+    q.start()
+    msg_id, d = submit(q, ["a@x.test"])
+    d.commit()
+    _wait(lambda: t.active == 1)
+    q.stop(0.2)
+    assert t.aborted == [1]
+    assert q.list_ids() == [msg_id]  # still queued for the next start
 

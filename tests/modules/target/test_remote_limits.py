@@ -303,3 +303,22 @@ def test_only_source_rules_B_121(std_world, rh):
     assert_high_load(rh, start(t), "Source limit timeout")
     _, res = rh.deliver(t, ["b@example.test"], sender="other@example.org")
     assert res == {"b@example.test": None}
+
+
+def test_slots_are_released_when_finishing_fails_B_112(std_world, rh, monkeypatch):
+    """B-112: whatever fails while a delivery finishes (here parking its connection), its
+    message slot is given back, so the next delivery does not wait for it."""
+    t = limited(std_world, ["all concurrency 1", "destination concurrency 1"], wait=0.3)
+    d = start(t)
+    d.add_rcpt("a@example.test")
+    d.body_per_rcpt(rh.HEADER, rh.BODY)
+
+    def broken(*_a):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(t.pool, "put", broken)
+    with pytest.raises(RuntimeError):
+        d.commit()
+    monkeypatch.undo()
+    _, res = rh.deliver(t, ["b@example.test"])
+    assert res == {"b@example.test": None}
