@@ -197,6 +197,29 @@ def test_content_sent_with_bdat_to_postfix_B_95(harness, deliver):
     assert commands.index(bdat[0]) > max(i for i, c in enumerate(commands) if c.startswith("RCPT"))
 
 
+def test_connection_reuse_seen_by_postfix_B_59_B_60(harness, workdir):
+    """B-59/B-60 against Postfix: two deliveries to one domain, one after the other, over
+    authenticated TLS: Postfix's log shows one session carrying both messages, each
+    transaction after the first preceded by RSET, and both messages arrive."""
+    import sys
+
+    domain = _scenario_domain(harness, "tls")
+    mark = harness.mark()
+    p = harness.ns_run([sys.executable, "-c", _DELIVER_TWICE, "25", str(workdir), domain, str(harness.ca_pem_path)],
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for i in range(2):
+        assert len(harness.wait_mailbox(f"r{i}@{domain}")) == 1
+    harness.wait_sessions_closed("mx.tls.test", since=mark)
+    sessions = [s for s in harness.mx_sessions("mx.tls.test", since=mark)
+                if any(c.upper().startswith("MAIL") for c in s.commands)]
+    assert len(sessions) == 1, [s.commands for s in sessions]
+    verbs = [c.split()[0].upper() for c in sessions[0].commands]
+    assert verbs.count("MAIL") == 2 and "STARTTLS" in verbs
+    second = verbs.index("MAIL", verbs.index("MAIL") + 1)
+    assert "RSET" in verbs[verbs.index("MAIL"):second]
+
+
 _DELIVER_TWICE = """
 from gevent import monkey
 monkey.patch_all()
@@ -207,8 +230,9 @@ from maddylite.modules.target.remote import RemoteTarget
 from maddylite.runtime import ConfigSource, Runtime
 
 port, workdir, domain = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ca = f"\\n tls_client {{\\n  root_ca {sys.argv[4]}\\n }}" if len(sys.argv) > 4 else ""
 RemoteTarget.smtp_port = port  # the delaying sink listens on the MX's address, another port
-conf = f"state_dir {workdir}/state\\nhostname mx.sender.test\\ntarget.remote r {{\\n conn_reuse_limit 10\\n}}\\n"
+conf = f"state_dir {workdir}/state\\nhostname mx.sender.test\\ntarget.remote r {{\\n conn_reuse_limit 10{ca}\\n}}\\n"
 rt = Runtime(ConfigSource(workdir + "/twice.conf"))
 rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/twice.conf"))
 for m in rt.modules:
