@@ -2,7 +2,9 @@
 
 The builder lists instances in configuration-completion order, which puts every
 dependency before its users; endpoints are moved last so that nothing accepts work
-before the modules behind it are running (and they are stopped first).
+before the modules behind it are running (and they are stopped first). Early stop, the
+first step of a reload, reaches the endpoints last instead: they keep accepting while the
+queues wait for their attempts in progress.
 """
 
 from __future__ import annotations
