@@ -390,7 +390,8 @@ class RemoteDelivery:
 
         A pooled connection gets its RSET here (B-60); if that RSET fails, the connection
         was dead: it is discarded and the domain gets another connection, transparently.
-        A failure after the RSET was answered is the envelope's (B-63, B-102). A MAIL failure is final for the domain (B-19, B-20).
+        A failure after the RSET was answered is the envelope's (B-63, B-102). A MAIL
+        failure is final for the domain (B-19, B-20).
         """
         out: dict[str, SMTPError | None] = {}
         for attempt in range(2):
@@ -781,6 +782,9 @@ class RemoteDelivery:
             # whatever failed above, no slot and no connection is left behind (B-1)
             for dc in self.domains.values():
                 self._release_dest(dc)
+                if dc.conn is not None:
+                    dc.conn.close()
+                    dc.conn = None
             for p in self._policies or ():
                 p.close()
             if t.limits is not None:
