@@ -689,12 +689,17 @@ class SMTPConnection:
         if self._sock is None:
             return
         if not self.broken:
+            deadline = time.monotonic() + timeout  # one bound for all of it, owed replies included
+
+            def left() -> float:
+                return max(0.001, deadline - time.monotonic())
+
             try:
                 if not self.supports("PIPELINING"):
-                    self._read_owed(timeout)
-                self._send(b"QUIT\r\n", timeout, "QUIT")
-                self._read_owed(timeout)  # replies of deferred commands come first
-                reply = self._read_reply(timeout, "QUIT")
+                    self._read_owed(left)
+                self._send(b"QUIT\r\n", left(), "QUIT")
+                self._read_owed(left)  # replies of deferred commands come first
+                reply = self._read_reply(left(), "QUIT")
                 if reply.code != codes.CLOSING:
                     self.log.debug("QUIT got an unexpected reply",
                                    remote_server=self.remote_server, reply=str(reply))
@@ -833,10 +838,11 @@ class SMTPConnection:
                 self._fail(f"deferred {verb} failed")
                 raise err
 
-    def _read_owed(self, timeout: float) -> None:
-        """_read_owed reads (and ignores) the replies owed for deferred commands, before QUIT."""
+    def _read_owed(self, left: Callable[[], float]) -> None:
+        """_read_owed reads (and ignores) the replies owed for deferred commands, before QUIT,
+        each within what ``left()`` says remains of QUIT's bound."""
         while self._owed:
-            self._read_reply(timeout, self._owed.pop(0))
+            self._read_reply(left(), self._owed.pop(0))
 
     def _mark_broken(self, reason: str) -> None:
         self.broken = True

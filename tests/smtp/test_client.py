@@ -857,6 +857,26 @@ def test_quit_never_raises_b106(raw_server: Any, recording_logger: Any, behaviou
     assert {level for level, _, _ in recording_logger.lines} == {"debug"}
 
 
+def test_quit_is_one_bound_with_a_reply_owed_b106(raw_server: Any) -> None:
+    """B-106: a parked connection owes the reply to its deferred RSET. A server that answers
+    it late and then keeps silent to QUIT holds quit() for its timeout once in all, not
+    once per reply."""
+    def handler(sock: Any) -> None:
+        sock.sendall(b"220 hi\r\n")
+        sock.recv(100)
+        sock.sendall(b"250-mx\r\n250 8BITMIME\r\n")  # no PIPELINING: owed replies are read before QUIT
+        sock.recv(100)  # the deferred RSET
+        gevent.sleep(0.3)
+        sock.sendall(b"250 2.0.0 ok\r\n")
+        gevent.sleep(3)
+
+    conn = open_session(raw_server(handler))
+    conn.rset_deferred()
+    start = time.monotonic()
+    conn.quit(timeout=0.4)
+    assert conn.closed and elapsed_since(start) < 0.6
+
+
 # --- connecting ---------------------------------------------------------------------------
 
 
