@@ -235,6 +235,15 @@ class Queue(ModuleBase):
         self._unwritten: dict[str, QueueMeta] = {}
         self._scheduler: gevent.Greenlet | None = None
 
+    def configure_block(self, inline: Sequence[str], block: ConfigNode, builder: Any) -> None:
+        """configure_block configures the queue; two queues of one configuration may not
+        share a directory, since each would deliver the other's messages too."""
+        super().configure_block(inline, block, builder)
+        here = os.path.abspath(self.location)
+        for other in getattr(builder, "order", ()):
+            if isinstance(other, Queue) and other is not self and os.path.abspath(other.location) == here:
+                raise ConfigError(f"queue: location {here} is already used by {other.label}").at_node(block)
+
     @property
     def location(self) -> str:
         """location is the queue directory (absolute)."""

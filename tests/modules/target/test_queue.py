@@ -448,6 +448,19 @@ def test_metadata_copy_per_attempt_D_31(queue):
     assert saved["requiretls"] and saved["tls_required_no"] and "src_ip" not in saved
 
 
+def test_two_queues_may_not_share_a_location_D_32(build_config, tmp_path):
+    """D-32: each queue has its own directory; two sharing one would each load, rescan and
+    deliver the other's messages, so that is a positioned configuration error."""
+    with pytest.raises(ConfigError) as e:
+        build_config(f"hostname h\ndummy d {{ }}\ntarget.queue a {{\n target &d\n location {tmp_path}/q\n}}\n"
+                     f"target.queue b {{\n target &d\n location {tmp_path}/q/\n}}\n")
+    assert f"location {tmp_path}/q is already used by target.queue/a" in str(e.value)
+    assert e.value.line == 9
+    rt = build_config(f"hostname h\ndummy d {{ }}\ntarget.queue a {{\n target &d\n location {tmp_path}/qa\n}}\n"
+                      f"target.queue b {{\n target &d\n location {tmp_path}/qb\n}}\n")
+    assert rt.instance("a").location != rt.instance("b").location
+
+
 def test_location_D_32(build_config, tmp_path):
     """D-32: location defaults to state_dir/<name>; relative paths are under state_dir; inline needs one (A-91)."""
     rt = build_config("hostname h\ndummy d { }\ntarget.queue q1 {\n target &d\n}\ntarget.queue q2 {\n target &d\n location rel/dir\n}\n")
