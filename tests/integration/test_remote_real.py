@@ -352,3 +352,47 @@ def test_a_bogus_answer_is_not_replaced_by_an_untrusted_nameservers_C_63_B_14(ha
         nsd.terminate()
         nsd.wait(10)
 
+
+
+def test_the_ad_bit_of_a_non_loopback_resolver_is_not_believed_C_59_C_60(harness, deliver):
+    """C-59/C-60 with the real unbound: the same validating resolver, reached on its
+    non-loopback address (fd00:1ab::53), sets AD on signed answers, but only a loopback
+    resolver is believed. Through it a signed domain gets MX level none (not dnssec), DANE
+    does not apply, and `min_mx_level dnssec` refuses before connecting; through ::1 the
+    same signed domain is dnssec again."""
+    far = "nameserver fd00:1ab::53\noptions trust-ad edns0\n"
+    near = "nameserver ::1\noptions trust-ad edns0\n"
+    signed = harness.new_address(_scenario_domain(harness, "tls"))
+    # through the loopback resolver its TLSA mismatch refuses it (C-81, test_refused)
+    dane = harness.new_address(_scenario_domain(harness, "dane-mismatch"))
+    rc, res, log = deliver([signed, dane], resolv_conf=far)
+    assert (res[signed].status, res[signed].tls_level, res[signed].mx_level) == ("delivered", "authenticated", "none"), log[-2000:]
+    assert (res[dane].status, res[dane].mx_level) == ("delivered", "none"), log[-2000:]  # no trusted AD: no DANE
+    strict = "dnssec\n    local_policy {\n        min_mx_level dnssec\n    }"
+    rcpt = harness.new_address(_scenario_domain(harness, "dnssec"))
+    mark = harness.mark()
+    _, res, log = deliver([rcpt], policies=strict, resolv_conf=far)
+    assert res[rcpt].status == "temporary-failure" and res[rcpt].code == 451, log[-2000:]
+    assert harness.count_commands("mx.dnssec.test", "MAIL", since=mark) == 0
+    rcpt = harness.new_address(_scenario_domain(harness, "dnssec"))
+    _, res, log = deliver([rcpt], policies=strict, resolv_conf=near)
+    assert (res[rcpt].status, res[rcpt].mx_level) == ("delivered", "dnssec"), log[-2000:]
+
+
+def test_tls_required_no_and_requiretls_override_B_81_B_82(harness, deliver):
+    """B-81: a message with `TLS-Required: No` goes to an MTA-STS enforce domain whose MX
+    offers no STARTTLS, in plaintext (the policies are off for it). B-82: with
+    `requiretls_override no` the header is ignored and the policy refuses; MAIL never sent."""
+    domain = _scenario_domain(harness, "sts-notls")
+    message = b"From: sender@sender.test\r\nTLS-Required: No\r\nSubject: no tls needed\r\n\r\nhello\r\n"
+    rcpt = harness.new_address(domain)
+    rc, res, log = deliver([rcpt], policies=STS_ONLY, message=message)
+    assert (rc, res[rcpt].status, res[rcpt].tls_level) == (0, "delivered", "none"), log[-2000:]
+    (msg,) = harness.wait_mailbox(rcpt)
+    assert not msg.tls and msg.received_by == "mx.sts-notls.test"
+    rcpt = harness.new_address(domain)
+    mark = harness.mark()
+    rc, res, log = deliver([rcpt], policies=STS_ONLY, message=message, remote="requiretls_override no")
+    assert (res[rcpt].code, res[rcpt].enhanced, res[rcpt].status) == (451, "4.4.0", "temporary-failure"), log[-2000:]
+    assert "MTA-STS" in res[rcpt].text
+    assert harness.count_commands("mx.sts-notls.test", "MAIL", since=mark) == 0
