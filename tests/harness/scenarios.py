@@ -659,6 +659,16 @@ SCENARIOS: list[dict] = [
         "spec": [],
     },
     {
+        "name": "nochunking",
+        "domain": "nochunking.test",
+        "mx": [[10, "mx.nochunking.test"]],
+        "hosts": {"mx.nochunking.test": {"ehlo_discard": ["chunking"]}},
+        "expect": "EHLO lacks CHUNKING: the content goes with DATA, dot-stuffed, and cannot "
+        "smuggle a second message",
+        "via": "mx.nochunking.test",
+        "spec": ["B-95", "B-97"],
+    },
+    {
         "name": "bench-tls",
         "domains": {"pattern": "t{:03d}.bench-tls.test", "count": 10},
         "zone_name": "bench-tls.test",

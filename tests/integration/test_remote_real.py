@@ -396,3 +396,29 @@ def test_tls_required_no_and_requiretls_override_B_81_B_82(harness, deliver):
     assert (res[rcpt].code, res[rcpt].enhanced, res[rcpt].status) == (451, "4.4.0", "temporary-failure"), log[-2000:]
     assert "MTA-STS" in res[rcpt].text
     assert harness.count_commands("mx.sts-notls.test", "MAIL", since=mark) == 0
+
+
+def _smuggling_message(domain):
+    """A message whose body holds, after a bare-LF `.` line, the commands of a second
+    message to another recipient of the same domain."""
+    return (f"From: sender@sender.test\nSubject: smuggling\n\nhello\n.\nMAIL FROM:<evil@sender.test>\n"
+            f"RCPT TO:<victim@{domain}>\nDATA\nSubject: smuggled\n\nevil\n.\n").encode()
+
+
+def test_a_message_cannot_smuggle_a_second_one_over_data_B_95_B_97(harness, deliver):
+    """SMTP smuggling through DATA: the MX (Postfix) offers no CHUNKING, so the content goes
+    with DATA. A body holding a bare-LF `.` line and commands after it arrives as one message
+    with those lines as text; the would-be victim gets nothing and Postfix sees one MAIL."""
+    domain = _scenario_domain(harness, "nochunking")
+    rcpt = harness.new_address(domain)
+    mark = harness.mark()
+    rc, res, log = deliver([rcpt], message=_smuggling_message(domain))
+    assert (rc, res[rcpt].status) == (0, "delivered"), log[-2000:]
+    (msg,) = harness.wait_mailbox(rcpt)
+    body = msg.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+    assert body == f"hello\n.\nMAIL FROM:<evil@sender.test>\nRCPT TO:<victim@{domain}>\nDATA\nSubject: smuggled\n\nevil\n.\n".encode()
+    harness.wait_sessions_closed("mx.nochunking.test", since=mark)
+    commands = [c.upper() for c in harness.mx_commands("mx.nochunking.test", since=mark)]
+    assert "DATA" in commands and not any(c.startswith("BDAT") for c in commands)
+    assert harness.count_commands("mx.nochunking.test", "MAIL", since=mark) == 1
+    assert harness.mailbox(f"victim@{domain}") == []
