@@ -56,6 +56,7 @@ class ListenerPool:
     def _open(self, addr: Address, runtime_dir: str) -> socket.socket:
         if addr.scheme == "unix":
             path = addr.path if os.path.isabs(addr.path) else os.path.join(runtime_dir, addr.path)
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)  # /run is empty after boot
             if os.path.exists(path):
                 os.unlink(path)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -261,7 +261,7 @@ class Server:
             self.log.info("stopping server...")
             if self.current is not None:
                 self.current.early_stop()
-                self.current.stop(self.grace_timeout)
+                self.current.stop(self._stop_bound(self.current))
             self._old_stoppers.join(timeout=self.grace_timeout)
             self.log.info("server stopped")
         return 0
@@ -306,9 +306,14 @@ class Server:
                 self._old_stoppers.spawn(self._stop_old, old)
             return True
 
+    def _stop_bound(self, rt: Runtime) -> float:
+        """_stop_bound is how long a stopping runtime's modules may take: the grace, or more
+        when an endpoint's shutdown_timeout gives its open sessions longer (E-7)."""
+        return max(self.grace_timeout, rt.session_grace())
+
     def _stop_old(self, old: Runtime) -> None:
         try:
-            old.stop(max(self.grace_timeout, old.session_grace()))
+            old.stop(self._stop_bound(old))
         finally:
             self.log.info("old server stopped")
 

@@ -136,6 +136,17 @@ def test_queue_list_flush_drop(tmp_path, capsys):
     assert main(["queue", "drop", "m1", "--config", str(conf)]) == 0
     assert not (qdir / "m1.meta").exists()
     assert main(["queue", "drop", "m1", "--config", str(conf)]) == 1
+    # D-21: a message set aside as broken keeps its content; drop does not touch it
+    (qdir / "m2.meta_broken").write_text("{}")
+    (qdir / "m2.header").write_bytes(b"Subject: y\r\n")
+    (qdir / "m2.body").write_bytes(b"y\r\n")
+    assert main(["queue", "drop", "m2", "--config", str(conf)]) == 1
+    assert sorted(p.name for p in qdir.iterdir() if p.name.startswith("m2")) == ["m2.body", "m2.header", "m2.meta_broken"]
+    # an id is a name in the queue directory, never a path out of it
+    (tmp_path / "x.meta").write_text("{}")
+    (tmp_path / "x.body").write_bytes(b"keep")
+    assert main(["queue", "drop", "../x", "--config", str(conf)]) == 1
+    assert (tmp_path / "x.body").exists()
 
 
 @pytest.mark.parametrize("stdin", ["closed", "write-only"])

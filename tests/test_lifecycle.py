@@ -78,3 +78,25 @@ def test_a_reload_gives_old_sessions_the_endpoints_shutdown_timeout_E_7(build_co
     server.log = rt.log
     server._stop_old(rt)
     assert stopped == [600.0]
+
+
+def test_a_unix_listener_creates_its_runtime_directory(tmp_path):
+    """`unix://path` is relative to the runtime directory, which (under /run) is empty after
+    a boot: it is created (mode 0700), not a failed start."""
+    import os
+    import socket
+
+    from maddylite.config.directives import parse_address
+    from maddylite.listeners import ListenerPool
+
+    run = tmp_path / "run" / "maddylite"
+    pool = ListenerPool()
+    addr = parse_address("unix://smtp.sock")
+    sock = pool.acquire(addr, str(run))
+    try:
+        assert (run / "smtp.sock").exists() and oct(os.stat(run).st_mode & 0o777) == "0o700"
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(run / "smtp.sock"))
+    finally:
+        pool.release(addr)
+        sock.close()

@@ -130,6 +130,8 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
 NO_PARAMS = Reply(501, "5.5.4", "No parameters allowed")
 DOMAIN_REQUIRED = Reply(501, "5.5.4", "Domain name required")
+#: Longest domain name a HELO/EHLO may carry [RFC 5321 §4.5.3.1.2].
+MAX_DOMAIN = 255
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 MALFORMED_SENDER = Reply(501, "5.1.7", "Malformed sender address")
@@ -373,7 +375,7 @@ class _Session:
         # A TCP peer is an (address, port, ...) tuple; a unix socket peer is a path or "".
         self.local = not (isinstance(peer, tuple) and peer)
         self.peer_ip = "" if self.local else str(peer[0])
-        sock.settimeout(ep.settings.read_timeout)
+        sock.settimeout(ep.settings.read_timeout or None)  # 0: no timeout, as in maddy
         self.reader = _Reader(sock, self.flush)
         self.out: list[bytes] = []
         self.tls = False
@@ -535,7 +537,7 @@ class _Session:
 
     def _greet(self, arg: str, esmtp: bool) -> None:
         name = arg.strip()
-        if not name or " " in name:
+        if not name or " " in name or len(name) > MAX_DOMAIN:  # RFC 5321 §4.5.3.1.2
             self.reply(DOMAIN_REQUIRED)
             return
         self.abort()
@@ -545,8 +547,9 @@ class _Session:
         if not esmtp:
             self.reply(250, "", ep.hostname)
             return
+        size = ep.settings.max_message_size
         caps = [f"{ep.hostname} Hello {name}", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES",
-                "SMTPUTF8", f"SIZE {ep.settings.max_message_size}"]
+                "SMTPUTF8", f"SIZE {size}" if size else "SIZE"]  # 0: no fixed maximum [RFC 1870 §4]
         if ep.tls_context is not None and not self.tls:
             caps.append("STARTTLS")
         if self.tls or self.client_is_local:
@@ -578,7 +581,7 @@ class _Session:
         except (OSError, gevent.Timeout) as e:
             ep.log.debug("TLS handshake failed", src_ip=self.peer_ip, reason=str(e))
             return False
-        self.sock.settimeout(ep.settings.read_timeout)
+        self.sock.settimeout(ep.settings.read_timeout or None)
         self.reader = _Reader(self.sock, self.flush)
         self.tls = True
         self.helo = None  # RFC 3207 §4.2: forget what the client said before TLS
@@ -678,7 +681,7 @@ class _Session:
             if key == "SIZE":
                 if not ascii_digits(value) or len(value) > 20:
                     return Reply(501, "5.5.4", "Malformed SIZE parameter")
-                if int(value) > self.ep.settings.max_message_size:
+                if 0 < self.ep.settings.max_message_size < int(value):
                     return TOO_BIG
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
@@ -827,8 +830,9 @@ class _Session:
             proto = "ESMTPS"  # RFC 3848 has no name for HELO over TLS
         # the recipient's domain was normalised to U-labels (B-26); a message without
         # SMTPUTF8 must stay ASCII, so the field names it in A-labels
-        rcpt = f" for <{header_address(self.rcpts[0], meta.smtputf8)}>" if len(self.rcpts) == 1 else ""
-        line = (f"Received: from {helo} ({src}) by {self.ep.hostname} (maddylite) with {proto}"
+        rcpt = f"\r\n\tfor <{header_address(self.rcpts[0], meta.smtputf8)}>" if len(self.rcpts) == 1 else ""
+        # folded, so that no line comes near 998 characters whatever the HELO name and address
+        line = (f"Received: from {helo} ({src})\r\n\tby {self.ep.hostname} (maddylite) with {proto}"
                 f" id {meta.id}{rcpt}; {formatdate(localtime=True)}\r\n")
         return line.encode("utf-8", "replace")
 
@@ -840,7 +844,7 @@ class _Session:
         ends there, so nothing after it can be taken as a command. NUL, over-long lines
         and an oversized message are read to the end and refused.
         """
-        limit = self.ep.settings.max_message_size
+        limit = self.ep.settings.max_message_size or float("inf")  # 0: no fixed maximum
         chunks: list[bytes] = []
         size = 0
         problem: Reply | None = None

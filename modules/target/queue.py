@@ -611,10 +611,12 @@ class Queue(ModuleBase):
         return len(ids)
 
     def drop(self, msg_id: str) -> bool:
-        """drop deletes a message without delivering it."""
-        existed = os.path.exists(self._path(msg_id, "meta"))
+        """drop deletes a message without delivering it; a message set aside as broken
+        (D-21) or an unknown id is left alone and reported as not found."""
+        if os.sep in msg_id or msg_id.startswith(".") or not os.path.exists(self._path(msg_id, "meta")):
+            return False  # an id names a file of this directory, nothing else
         self.remove(msg_id)
-        return existed
+        return True
 
 
 def _rfc822_date(ts: float | None) -> str:

@@ -6,6 +6,7 @@ see exactly what reached the target: envelope, flags (B-26, B-81, REQUIRETLS, SM
 """
 
 import datetime
+import re
 import smtplib
 import socket
 import ssl
@@ -681,6 +682,12 @@ def test_smtplib_round_trip(endpoint):
     assert d.body_bytes == b"hello\r\n"
 
 
+def _received_field(header):
+    """_received_field is the first field of a header, unfolded."""
+    fields = re.split(rb"\r\n(?![ \t])", header)
+    return re.sub(rb"\r\n[ \t]+", b" ", fields[0])
+
+
 def test_received_field(client):
     """The endpoint adds one Received field at the top [RFC 5321 §4.4]."""
     c, target, _ = client()
@@ -689,7 +696,7 @@ def test_received_field(client):
     code, lines = c.reply()
     assert code == 250
     d = target.committed[0]
-    first = d.header.split(b"\r\n", 1)[0].decode()
+    first = _received_field(d.header).decode()
     assert first.startswith("Received: from client.test ([127.0.0.1]) by mx.test (maddylite) with ESMTP id ")
     assert d.meta.id in first and "for <b@y.test>" in first
     assert d.meta.id in lines[0]
@@ -704,7 +711,7 @@ def test_received_field_stays_ascii_without_smtputf8_B_26(client, params, shown)
     transaction(c, rcpts=("b@xn--bcher-kva.test",), params=params)
     c.send(MSG + b".\r\n")
     assert c.reply()[0] == 250
-    first = target.committed[0].header.split(b"\r\n", 1)[0]
+    first = _received_field(target.committed[0].header)
     assert f"for <{shown}>".encode() in first
     assert first.isascii() is (params == "")
 
@@ -807,6 +814,41 @@ def test_client_disconnects_in_data(client):
     assert c.closed()
     gevent.sleep(0.05)
     assert target.deliveries[0].aborted and not target.deliveries[0].committed
+
+
+def test_read_timeout_0_means_none(client):
+    """read_timeout 0: no timeout (as in maddy), not a session dropped at once."""
+    c, _, _ = client(body="read_timeout 0")
+    gevent.sleep(0.1)
+    assert c.cmd("EHLO client.test")[0] == 250 and c.cmd("NOOP")[0] == 250
+
+
+def test_max_message_size_0_means_no_fixed_maximum(client):
+    """max_message_size 0: EHLO says SIZE with no number and nothing is too big [RFC 1870 §4]."""
+    c, target, _ = client(body="max_message_size 0")
+    code, lines = c.cmd("EHLO client.test")
+    assert code == 250 and "SIZE" in lines and not any(line.startswith("SIZE ") for line in lines)
+    transaction(c, params=" SIZE=999999999999")
+    c.send(MSG + (b"x" * 70 + b"\r\n") * 2000 + b".\r\n")
+    assert c.reply()[0] == 250 and len(target.committed) == 1
+
+
+def test_a_helo_name_over_255_octets_is_refused_and_received_lines_stay_short(client):
+    """RFC 5321 §4.5.3.1.2: a domain has at most 255 octets; a longer HELO/EHLO name is 501.
+    The Received field is folded, so its lines stay far below 998 characters with the
+    longest name and address allowed (the next hop would refuse the message otherwise)."""
+    c, target, _ = client()
+    assert c.cmd("EHLO " + "a" * 256)[0] == 501
+    helo = ("a" * 63 + ".") * 3 + "a" * 63
+    assert c.cmd(f"EHLO {helo}")[0] == 250
+    local = "l" * 64
+    domain = ("d" * 60 + ".") * 3 + "test"
+    transaction(c, rcpts=(f"{local}@{domain}",), params="")
+    c.send(MSG + b".\r\n")
+    assert c.reply()[0] == 250
+    header = target.committed[0].header
+    assert max(len(line) for line in header.split(b"\r\n")) < 500
+    assert f"for <{local}@{domain}>".encode() in _received_field(header)
 
 
 def test_idle_timeout(client):
