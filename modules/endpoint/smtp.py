@@ -17,7 +17,8 @@ It implements the RFC 5321 server side an outbound relay needs: EHLO/HELO, MAIL,
 DATA, RSET, NOOP, VRFY, HELP, QUIT, STARTTLS [RFC 3207], PIPELINING [RFC 2920],
 8BITMIME [RFC 6152], SMTPUTF8 [RFC 6531], SIZE [RFC 1870], ENHANCEDSTATUSCODES
 [RFC 2034] and REQUIRETLS [RFC 8689]; the DSN parameters [RFC 3461] are checked for
-syntax and not passed on (B-94).
+syntax and not passed on (B-94). A ``tls://`` listen address is implicit TLS [RFC 8314]
+and needs the ``tls`` directive.
 
 Security properties:
 
@@ -921,6 +922,9 @@ class SMTPEndpoint(ModuleBase):
         self.limits: Limits | None = settings.limits
         self.checks: tuple[Check, ...] = tuple(settings.check or ())
         self.tls_config: TLSServerConfig | None = settings.tls
+        if any(a.scheme == "tls" for a in self.addresses) and not (self.tls_config and self.tls_config.enabled):
+            # a tls:// address speaks TLS from the first byte (RFC 8314), as in maddy
+            raise ConfigError("smtp: can't bind on SMTPS endpoint without TLS configuration")
         self.allow = tuple(settings.allow_sources)
         self.log = Logger("smtp", settings.debug)
         self.tls_context: ssl.SSLContext | None = None
@@ -951,15 +955,30 @@ class SMTPEndpoint(ModuleBase):
         for addr in self.addresses:
             sock = self.runtime.listeners.acquire(addr, self.runtime.runtime_dir)
             self._acquired.append(addr)
-            server = gevent.server.StreamServer(sock, self._handle, spawn=self._sessions.spawn)
+            handle = self._handle_implicit_tls if addr.scheme == "tls" else self._handle
+            server = gevent.server.StreamServer(sock, handle, spawn=self._sessions.spawn)
             server.start()
             self._servers.append(server)
             self.log.info("listening", address=str(addr))
 
-    def _handle(self, sock: socket.socket, peer: Any) -> None:
+    def _handle_implicit_tls(self, sock: socket.socket, peer: Any) -> None:
+        """_handle_implicit_tls serves a ``tls://`` connection: TLS first, then SMTP in it."""
+        assert self.tls_context is not None
+        try:
+            with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
+                tls_sock = self.tls_context.wrap_socket(sock, server_side=True)
+        except (OSError, gevent.Timeout) as e:
+            self.log.debug("TLS handshake failed", src_ip=str(peer[0]) if isinstance(peer, tuple) else "",
+                           reason=str(e))
+            sock.close()
+            return
+        self._handle(tls_sock, peer, tls=True)
+
+    def _handle(self, sock: socket.socket, peer: Any, tls: bool = False) -> None:
         session: _Session | None = None
         try:
             session = _Session(self, sock, peer)
+            session.tls = tls  # a tls:// connection is TLS from its first byte: no STARTTLS in it
             session.serve()
         except (OSError, gevent.Timeout) as e:
             self.log.debug("session ended", src_ip=session.peer_ip if session else "", reason=str(e))

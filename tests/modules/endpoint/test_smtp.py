@@ -910,6 +910,34 @@ def test_starttls_with_smtplib(endpoint, tmp_path):
     assert target.committed[0].header.count(b"ESMTPS") == 1
 
 
+def test_a_tls_address_speaks_tls_from_the_first_byte(endpoint, tmp_path, free_port):
+    """`smtp tls://host:port` is implicit TLS (RFC 8314), as in maddy: the greeting comes
+    inside TLS, EHLO offers no STARTTLS, and the Received field says ESMTPS."""
+    cert, key = make_cert(tmp_path)
+    _, target, port = endpoint(body=f"tls {cert} {key}", listen=f"tls://127.0.0.1:{free_port}")
+    with smtplib.SMTP_SSL("127.0.0.1", port, timeout=5, context=client_tls_context()) as s:
+        code, text = s.ehlo("client.test")
+        assert code == 250 and b"STARTTLS" not in text
+        s.sendmail("a@x.test", ["b@y.test"], MSG)
+    assert b"ESMTPS" in target.committed[0].header
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:  # no plaintext greeting
+        plain.sendall(b"EHLO client.test\r\n")
+        try:
+            got = plain.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert not got.startswith(b"220")
+
+
+def test_a_tls_address_needs_a_certificate(build_config, free_port):
+    """A tls:// address without a TLS configuration is a configuration error, not a
+    listener that speaks plaintext on a TLS port."""
+    with pytest.raises(ConfigError) as e:
+        build_config(f"hostname mx.test\nsmtp tls://127.0.0.1:{free_port} {{\n deliver_to dummy\n}}\n",
+                     require_endpoint=True)
+    assert "without TLS configuration" in str(e.value) and e.value.line is not None
+
+
 def test_starttls_failed_handshake_closes(client, tmp_path):
     """A client that sends garbage instead of a TLS handshake is disconnected."""
     cert, key = make_cert(tmp_path)
