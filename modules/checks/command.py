@@ -68,6 +68,32 @@ PLACEHOLDER = re.compile(r"\{[a-zA-Z0-9_]+\}")
 DEFAULT_TIMEOUT = 60.0
 #: Characters of the program's standard error kept for the log.
 STDERR_LOG_LIMIT = 300
+#: Bytes of the program's stderr kept (the rest is read and dropped).
+STDERR_KEEP = 4096
+#: Seconds stderr may stay open after the program exited (a child of its may hold it).
+STDERR_GRACE = 0.5
+
+
+def _feed(stream: Any, data: bytes) -> None:
+    """_feed writes the message to the program's stdin and closes it; a program that does
+    not read it all (and exits) is no error."""
+    try:
+        stream.write(data)
+        stream.close()
+    except (OSError, ValueError):
+        pass
+
+
+def _head(stream: Any, kept: bytearray, keep: int) -> None:
+    """_head reads a stream to its end, keeping its first ``keep`` bytes in ``kept`` (there
+    as they come, for a caller that stops waiting before the end)."""
+    read = getattr(stream, "read1", stream.read)
+    try:
+        while chunk := read(65536):
+            if len(kept) < keep:
+                kept += chunk[: keep - len(kept)]
+    except (OSError, ValueError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -238,8 +264,14 @@ class CommandCheck(ModuleBase):
         except OSError as e:
             self.log.error("cannot start", e, msg_id=meta.id, cmd=self.program)
             return None, ""
+        # stdin is fed and stderr drained by greenlets of their own; the verdict is the
+        # exit, not the end of stderr (a background child may keep it open), and only the
+        # start of stderr is kept, however much the program writes
+        feeder = gevent.spawn(_feed, proc.stdin, message)
+        err = bytearray()
+        reader = gevent.spawn(_head, proc.stderr, err, STDERR_KEEP)
         try:
-            _, err = proc.communicate(message, timeout=self.timeout)
+            code = proc.wait(timeout=self.timeout)
         except gsubprocess.TimeoutExpired:
             self.log.error("timed out, killed", msg_id=meta.id, cmd=self.program, timeout=self.timeout)
             self._kill(proc)
@@ -247,17 +279,26 @@ class CommandCheck(ModuleBase):
         except BaseException:
             self._kill(proc)  # the session was killed (server stop): no orphan left behind
             raise
-        text = (err or b"").decode("utf-8", "replace").strip().split("\n", 1)[0][:STDERR_LOG_LIMIT]
-        return proc.returncode, text
+        finally:
+            feeder.kill()
+        reader.join(timeout=STDERR_GRACE)
+        reader.kill()
+        self._close(proc)
+        text = bytes(err).decode("utf-8", "replace").strip().split("\n", 1)[0][:STDERR_LOG_LIMIT]
+        return code, text
 
-    @staticmethod
-    def _kill(proc: Any) -> None:
+    @classmethod
+    def _kill(cls, proc: Any) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
         with gevent.Timeout(5, False):
             proc.wait()
+        cls._close(proc)
+
+    @staticmethod
+    def _close(proc: Any) -> None:
         for pipe in (proc.stdin, proc.stderr):
             try:
                 if pipe is not None:

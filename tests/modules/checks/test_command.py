@@ -252,6 +252,44 @@ def test_timeout_kills_the_process_group(endpoint, tmp_path):
         pytest.fail("the program's child survived the timeout")
 
 
+def test_the_exit_decides_not_the_end_of_stderr(endpoint, tmp_path):
+    """A program that exits 0 while a child of its keeps stderr open is judged at its exit:
+    the message is accepted at once, not refused when the timeout runs out."""
+    prog = script(tmp_path, "sleep 30 &\nexit 0")
+    target, port, _ = endpoint(f"  command {prog} {{\n   timeout 5s\n  }}")
+    c = Client(port)
+    started = time.monotonic()
+    assert c.send_message()[0] == 250
+    assert time.monotonic() - started < 2.5
+    c.close()
+
+
+def test_a_flood_on_stderr_is_read_and_dropped(endpoint, tmp_path):
+    """A program that writes much to stderr and reads no stdin is judged by its exit code;
+    only the start of stderr is kept (for the log line), the rest is read and dropped."""
+    from maddylite.modules.checks import command as command_mod
+
+    prog = script(tmp_path, "echo 'first line of the report' >&2\nhead -c 20000000 /dev/zero >&2\nexit 1")
+    _, port, rt = endpoint(f"  command {prog} {{\n   timeout 20s\n  }}")
+    check = [m for m in rt.modules if m.mod_name == "check.command"][0]
+    kept = []
+    real = check._run
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        kept.append(out)
+        return out
+
+    check._run = spy
+    c = Client(port)
+    code, _ = c.send_message()
+    c.close()
+    assert code == 550  # exit 1: reject
+    (exit_code, text), = kept
+    assert exit_code == 1 and text == "first line of the report"
+    assert command_mod.STDERR_KEEP == 4096
+
+
 def test_missing_program_at_run_time(endpoint, tmp_path):
     """A program removed after configuration cannot start: 451 4.3.0, not a crash."""
     prog = script(tmp_path, "exit 0")
