@@ -161,6 +161,13 @@ def _net_list(args: Sequence[str]) -> tuple[Any, ...]:
         if net.prefixlen == 0:
             raise ConfigError(f"{a} would make an open relay: list the networks of your clients")
         nets.append(net)
+    for version, total in ((4, 2**32), (6, 2**128)):
+        same: list[Any] = [n for n in nets if n.version == version]
+        # networks that together cover every address (0.0.0.0/1 and 128.0.0.0/1) are /0 too
+        covered: int = sum(n.num_addresses for n in ipaddress.collapse_addresses(same))
+        if same and covered == total:
+            raise ConfigError(f"{' '.join(args)}: together these would make an open relay: "
+                              "list the networks of your clients")
     return tuple(nets)
 
 

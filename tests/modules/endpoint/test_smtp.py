@@ -425,12 +425,21 @@ def test_relay_guard_source_allowed(build_config, ip, allow, allowed):
     assert ep.source_allowed(ip) is allowed
 
 
-@pytest.mark.parametrize("net", ["0.0.0.0/0", "::/0", "not-a-net"])
+@pytest.mark.parametrize("net", ["0.0.0.0/0", "::/0", "not-a-net", "0.0.0.0/1 128.0.0.0/1",
+                                 "::/1 8000::/1", "10.0.0.0/8 0.0.0.0/1 128.0.0.0/2 192.0.0.0/2"])
 def test_allow_sources_refuses_everything_networks(build_config, net):
     """allow_sources never accepts a network that is the whole Internet (open relay)."""
     with pytest.raises(ConfigError) as e:
         build_config(f"hostname mx.test\nsmtp tcp://127.0.0.1:0 {{\n deliver_to dummy\n allow_sources {net}\n}}\n")
     assert e.value.line == 6 and ("open relay" in str(e.value) or "invalid network" in str(e.value))
+
+
+def test_allow_sources_of_halves_of_the_internet_are_fine_apart(build_config):
+    """One half of the IPv4 space alone is a (large) list of clients, not everything."""
+    rt = build_config("hostname mx.test\nsmtp tcp://127.0.0.1:0 {\n deliver_to dummy\n allow_sources 0.0.0.0/1 ::/1\n}\n")
+    (ep,) = [m for m in rt.modules if m.mod_name == "smtp"]
+    assert [str(n) for n in ep.allow] == ["0.0.0.0/1", "::/1"]
+    assert ep.source_allowed("100.1.2.3") and not ep.source_allowed("200.1.2.3")
 
 
 def _session_over_pair(ep, peer):
