@@ -422,3 +422,69 @@ def test_a_message_cannot_smuggle_a_second_one_over_data_B_95_B_97(harness, deli
     assert "DATA" in commands and not any(c.startswith("BDAT") for c in commands)
     assert harness.count_commands("mx.nochunking.test", "MAIL", since=mark) == 1
     assert harness.mailbox(f"victim@{domain}") == []
+
+
+_DELIVER_SEQUENCE = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+from maddylite.config.parser import parse_string
+from maddylite.interfaces import MsgMetadata
+from maddylite.modules.endpoint.smtp import tls_required_no
+from maddylite.runtime import ConfigSource, Runtime
+
+workdir, ca, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+conf = (f"state_dir {workdir}/state\\nhostname mx.sender.test\\nmx_auth p {{\\n mtasts\\n local_policy\\n}}\\n"
+        f"target.remote r {{\\n mx_auth &p\\n tls_client {{\\n  root_ca {ca}\\n }}\\n}}\\n")
+rt = Runtime(ConfigSource(workdir + "/seq.conf"))
+rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/seq.conf"))
+for m in rt.modules:
+    m.start()
+target = next(m for m in rt.modules if m.mod_name == "target.remote")
+out = []
+for i, (rcpt, header) in enumerate(steps):
+    header = header.encode()
+    meta = MsgMetadata(id=f"m{i}", tls_required_no=tls_required_no(header))
+    d = target.start_delivery(meta, "sender@sender.test")
+    try:
+        d.add_rcpt(rcpt)
+        d.body(header, b"hello\\r\\n")
+        d.commit()
+        out.append(None)
+    except Exception as e:
+        d.abort()
+        out.append(str(e))
+print(json.dumps(out))
+"""
+
+
+def test_a_pooled_weaker_session_never_serves_stricter_mail_B_66_C_55(harness, workdir):
+    """B-66/C-55 across deliveries, against Postfix: one MX without STARTTLS serves
+    sts-shared.test (no policy) and sts-notls.test (MTA-STS enforce). A plaintext
+    connection pooled by sts-shared.test, or by a `TLS-Required: No` message to
+    sts-notls.test, is never taken by a later sts-notls.test message: that one is refused
+    and Postfix sees no MAIL for it."""
+    import json
+    import sys
+
+    shared = harness.new_address(_scenario_domain(harness, "sts-shared"))
+    strict = harness.new_address(_scenario_domain(harness, "sts-notls"))
+    waived = harness.new_address(_scenario_domain(harness, "sts-notls"))
+    strict2 = harness.new_address(_scenario_domain(harness, "sts-notls"))
+    plain_header = "Subject: pooled\r\n"
+    steps = [[shared, plain_header], [strict, plain_header], [waived, "TLS-Required: No\r\n" + plain_header],
+             [strict2, plain_header]]
+    mark = harness.mark()
+    p = harness.ns_run([sys.executable, "-c", _DELIVER_SEQUENCE, str(workdir), str(harness.ca_pem_path), json.dumps(steps)],
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    assert results[0] is None and results[2] is None, results
+    for i in (1, 3):
+        assert results[i] and "MTA-STS" in results[i], results
+    assert len(harness.wait_mailbox(shared)) == 1 and len(harness.wait_mailbox(waived)) == 1
+    assert harness.mailbox(strict) == [] and harness.mailbox(strict2) == []
+    harness.wait_sessions_closed("mx.sts-notls.test", since=mark)
+    rcpts = [c for s in harness.mx_sessions("mx.sts-notls.test", since=mark) for c in s.commands
+             if c.upper().startswith("RCPT")]
+    assert len(rcpts) == 2 and not any(strict in c or strict2 in c for c in rcpts), rcpts
