@@ -659,6 +659,28 @@ SCENARIOS: list[dict] = [
         "spec": [],
     },
     {
+        "name": "dane-sts-selfsigned",
+        "domain": "dane-sts-selfsigned.test",
+        "mx": [[10, "mx.dane-sts-selfsigned.test"]],
+        "hosts": {"mx.dane-sts-selfsigned.test": {"cert": "selfsigned", "tlsa": ["3 1 1 self"]}},
+        "mta_sts": {"mode": "enforce", "mx": ["mx.dane-sts-selfsigned.test"]},
+        "expect": "DANE-EE matches the self-signed certificate, but MTA-STS enforce needs a "
+        "PKIX-valid one: refused, MAIL not issued",
+        "via": None,
+        "spec": ["C-1", "C-45"],
+    },
+    {
+        "name": "dane-sts-mismatch",
+        "domain": "dane-sts-mismatch.test",
+        "mx": [[10, "mx.dane-sts-mismatch.test"]],
+        "hosts": {"mx.dane-sts-mismatch.test": {"cert": "ca", "tlsa": ["3 1 1 other"]}},
+        "mta_sts": {"mode": "enforce", "mx": ["mx.dane-sts-mismatch.test"]},
+        "expect": "MTA-STS enforce is satisfied (listed MX, PKIX-valid), but the TLSA does not "
+        "match: a DANE failure is final, MAIL not issued",
+        "via": None,
+        "spec": ["C-1", "C-81"],
+    },
+    {
         "name": "nochunking",
         "domain": "nochunking.test",
         "mx": [[10, "mx.nochunking.test"]],
