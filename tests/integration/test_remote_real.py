@@ -493,3 +493,48 @@ def test_a_pooled_weaker_session_never_serves_stricter_mail_B_66_C_55(harness, w
     rcpts = [c for s in harness.mx_sessions("mx.sts-notls.test", since=mark) for c in s.commands
              if c.upper().startswith("RCPT")]
     assert len(rcpts) == 2 and not any(strict in c or strict2 in c for c in rcpts), rcpts
+
+
+def test_a_message_over_the_mx_size_is_refused_before_mail_B_93(harness, deliver):
+    """B-93 against Postfix announcing SIZE 10000: a bigger message fails 552 5.3.4 for
+    good, and MAIL is never sent; a smaller one is delivered."""
+    domain = _scenario_domain(harness, "smallsize")
+    big, small = harness.new_address(domain), harness.new_address(domain)
+    mark = harness.mark()
+    rc, res, log = deliver([big], message=b"From: sender@sender.test\r\nSubject: big\r\n\r\n" + b"x" * 70 * 200 + b"\r\n")
+    rc2, res2, _ = deliver([small])
+    assert (res[big].code, res[big].enhanced, res[big].status) == (552, "5.3.4", "permanent-failure"), log[-2000:]
+    assert "Message is too big for the recipient server" in res[big].text
+    assert res2[small].status == "delivered"
+    assert harness.count_commands("mx.smallsize.test", "MAIL", since=mark) == 1
+
+
+def test_an_mx_without_smtputf8_and_8bitmime_B_89_B_92(harness, deliver):
+    """Against Postfix announcing neither SMTPUTF8 nor 8BITMIME: a non-ASCII recipient
+    local part fails 553 5.6.7 while an ASCII recipient of the same message is delivered
+    (B-89); 8-bit content fails 554 5.6.3 and no DATA is sent (B-92)."""
+    domain = _scenario_domain(harness, "nosmtputf8")
+    ascii_rcpt = harness.new_address(domain)
+    utf8_rcpt = f"тест@{domain}"
+    rc, res, log = deliver([utf8_rcpt, ascii_rcpt])
+    assert (res[utf8_rcpt].code, res[utf8_rcpt].enhanced) == (553, "5.6.7"), log[-2000:]
+    assert res[ascii_rcpt].status == "delivered"
+    rcpt = harness.new_address(domain)
+    mark = harness.mark()
+    _, res, log = deliver([rcpt], message="From: sender@sender.test\r\nSubject: café\r\n\r\ncafé\r\n".encode())
+    assert (res[rcpt].code, res[rcpt].enhanced, res[rcpt].status) == (554, "5.6.3", "permanent-failure"), log[-2000:]
+    harness.wait_sessions_closed("mx.nosmtputf8.test", since=mark)
+    assert "DATA" not in [c.upper() for c in harness.mx_commands("mx.nosmtputf8.test", since=mark)]
+    assert harness.mailbox(rcpt) == []
+
+
+def test_recipients_over_the_mx_limit_fail_temporarily_B_32(harness, deliver):
+    """B-32 against Postfix with smtpd_recipient_limit 100: of 101 recipients the first 100
+    are delivered in one message, the 101st fails 452 4.5.3 temporarily (to be retried)."""
+    domain = _scenario_domain(harness, "rcptlimit")
+    rcpts = [harness.new_address(domain) for _ in range(101)]
+    rc, res, log = deliver(rcpts)
+    assert all(res[r].status == "delivered" for r in rcpts[:100]), log[-2000:]
+    assert (res[rcpts[100]].code, res[rcpts[100]].enhanced, res[rcpts[100]].status) == (452, "4.5.3", "temporary-failure")
+    assert rc == 75
+    assert len(harness.wait_mailbox(rcpts[0])) == 1 and harness.mailbox(rcpts[100]) == []
