@@ -56,9 +56,11 @@ def _free_port(harness):
 class Server:
     """Server is `maddylite run` inside the namespace, with its log."""
 
-    def __init__(self, harness, workdir, *, queue_extra="", policies="mtasts\n    dnssec\n    dane\n    local_policy"):
+    def __init__(self, harness, workdir, *, queue_extra="", policies="mtasts\n    dnssec\n    dane\n    local_policy",
+                 host="127.0.0.1", endpoint_extra=""):
         self.h = harness
         self.port = _free_port(harness)
+        self.host = host
         self.conf = workdir / "server.conf"
         self.log_path = workdir / "server.log"
         self.conf.write_text(textwrap.dedent(f"""\
@@ -88,8 +90,9 @@ class Server:
                 }}
                 {queue_extra}
             }}
-            smtp tcp://127.0.0.1:{self.port} {{
+            smtp tcp://{f"[{host}]" if ":" in host else host}:{self.port} {{
                 deliver_to &q
+                {endpoint_extra}
             }}
             """))
         self.proc = None
@@ -120,7 +123,7 @@ class Server:
         self.logf.close()
 
     def submit(self, spec, wait=True):
-        argv = [PY, "-c", CLIENT, "127.0.0.1", str(self.port), json.dumps(spec)]
+        argv = [PY, "-c", CLIENT, self.host, str(self.port), json.dumps(spec)]
         if not wait:
             return self.h.ns_popen(argv, stdout=__import__("subprocess").PIPE, text=True)
         p = self.h.ns_run(argv, timeout=300)
@@ -278,3 +281,30 @@ def test_requiretls_needs_an_authenticated_mx_B_74(harness, server):
     raw = dsn.raw.decode(errors="replace")
     assert "Status: 5.7.30" in raw and "Failed to establish the MX record authenticity (REQUIRETLS)" in raw
     assert harness.count_connections("mx.insecure.test", since=mark) == 0
+
+
+def test_the_relay_guard_refuses_a_non_loopback_client(harness, tmp_path):
+    """The endpoint relays only for loopback clients unless allow_sources lists the
+    client's network: a client on a non-loopback address of the namespace is refused at
+    the greeting (554 5.7.1), nothing reaches the MX; listed in allow_sources, it relays."""
+    os.chmod(tmp_path, 0o755)
+    host = "fd00:1ab::1"  # the namespace's ULA base address: not loopback
+    for allow, relays in (("", False), (f"allow_sources {host}/128", True)):
+        work = tmp_path / ("open" if relays else "closed")
+        work.mkdir(mode=0o755)
+        s = Server(harness, work, host=host, endpoint_extra=allow).start()
+        try:
+            rcpt = harness.new_address("plain.test")
+            mark = harness.mark()
+            out = s.submit({"count": 1, "sender": "a@sender.test", "rcpts": [rcpt], "tag": "guard", "deadline": 20})
+            if relays:
+                assert out["accepted"] == [0], out
+                assert len(harness.wait_mailbox(rcpt, timeout=30)) == 1
+            else:
+                assert out["accepted"] == [] and "Relaying denied" in out["failed"][0][1], out
+                time.sleep(1)
+                assert harness.mailbox(rcpt) == []
+                assert harness.count_commands("mx.plain.test", "MAIL", since=mark) == 0
+        finally:
+            s.stop()
+
