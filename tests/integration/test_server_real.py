@@ -7,6 +7,7 @@ Postfix MXes receive. Covers the queue's retry and DSN paths, REQUIRETLS, a cras
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -308,3 +309,27 @@ def test_the_relay_guard_refuses_a_non_loopback_client(harness, tmp_path):
         finally:
             s.stop()
 
+
+
+def test_mixed_outcomes_one_message_per_recipient_fate_D_7_D_8_D_27(harness, server):
+    """D-7/D-8/D-27 through the queue against Postfix: one message to ok@, bad@ and later@
+    of the reject scenario. ok@ is delivered once and never sent again; bad@ (550) gets its
+    DSN from the first attempt; later@ (450) is retried up to max_tries and then gets a DSN
+    of its own: two DSNs, each naming only its recipient."""
+    s = server().start()
+    sender = harness.new_address("plain.test", prefix="sender")
+    domain = harness.scenario("reject").domain
+    ok = harness.new_address(domain, prefix="ok")
+    bad, later = f"bad@{domain}", f"later@{domain}"
+    mark = harness.mark()
+    out = s.submit({"count": 1, "sender": sender, "rcpts": [ok, bad, later], "tag": "mixed"})
+    assert out["accepted"] == [0]
+    s.wait_log("not delivered, permanent error", count=2, timeout=60)
+    dsns = harness.wait_mailbox(sender, count=2, timeout=30)
+    assert len(dsns) == 2
+    finals = sorted(re.findall(r"Final-Recipient: rfc822; (\S+)", d.raw.decode(errors="replace"))[0] for d in dsns)
+    assert finals == sorted([bad, later])
+    assert len(harness.wait_mailbox(ok)) == 1
+    harness.wait_sessions_closed("mx.reject.test", since=mark)
+    rcpt_lines = [c for c in harness.mx_commands("mx.reject.test", since=mark) if c.upper().startswith("RCPT")]
+    assert sum(ok in c for c in rcpt_lines) == 1 and sum(later in c for c in rcpt_lines) == 3, rcpt_lines
