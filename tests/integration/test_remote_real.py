@@ -439,17 +439,18 @@ from maddylite.modules.endpoint.smtp import tls_required_no
 from maddylite.runtime import ConfigSource, Runtime
 
 workdir, ca, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+extra = sys.argv[4] if len(sys.argv) > 4 else ""
 conf = (f"state_dir {workdir}/state\\nhostname mx.sender.test\\nmx_auth p {{\\n mtasts\\n local_policy\\n}}\\n"
-        f"target.remote r {{\\n mx_auth &p\\n tls_client {{\\n  root_ca {ca}\\n }}\\n}}\\n")
+        f"target.remote r {{\\n mx_auth &p\\n {extra}\\n tls_client {{\\n  root_ca {ca}\\n }}\\n}}\\n")
 rt = Runtime(ConfigSource(workdir + "/seq.conf"))
 rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/seq.conf"))
 for m in rt.modules:
     m.start()
 target = next(m for m in rt.modules if m.mod_name == "target.remote")
 out = []
-for i, (rcpt, header) in enumerate(steps):
+for i, (rcpt, header, *flags) in enumerate(steps):
     header = header.encode()
-    meta = MsgMetadata(id=f"m{i}", tls_required_no=tls_required_no(header))
+    meta = MsgMetadata(id=f"m{i}", tls_required_no=tls_required_no(header), **(flags[0] if flags else {}))
     d = target.start_delivery(meta, "sender@sender.test")
     try:
         d.add_rcpt(rcpt)
@@ -538,3 +539,37 @@ def test_recipients_over_the_mx_limit_fail_temporarily_B_32(harness, deliver):
     assert (res[rcpts[100]].code, res[rcpts[100]].enhanced, res[rcpts[100]].status) == (452, "4.5.3", "temporary-failure")
     assert rc == 75
     assert len(harness.wait_mailbox(rcpts[0])) == 1 and harness.mailbox(rcpts[100]) == []
+
+
+def _sequence(harness, workdir, steps, extra=""):
+    import json
+    import sys
+
+    p = harness.ns_run([sys.executable, "-c", _DELIVER_SEQUENCE, str(workdir), str(harness.ca_pem_path), json.dumps(steps),
+                        extra], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_requiretls_never_takes_a_pooled_connection_and_strict_mode_refuses_B_68_B_72(harness, workdir):
+    """B-68: a REQUIRETLS message to an MTA-STS enforce domain (authenticated TLS, MX level
+    mtasts) after an ordinary one opens a connection of its own (Postfix logs two sessions
+    with MAIL). B-72: with `relaxed_requiretls no` the same message is refused 550 5.7.30,
+    since Postfix does not offer REQUIRETLS; MAIL is never sent for it."""
+    domain = _scenario_domain(harness, "sts-enforce")
+    first, second = harness.new_address(domain), harness.new_address(domain)
+    mark = harness.mark()
+    assert _sequence(harness, workdir, [[first, "Subject: a\r\n"], [second, "Subject: b\r\n", {"requiretls": True}]]) \
+        == [None, None]
+    assert len(harness.wait_mailbox(first)) == 1 and len(harness.wait_mailbox(second)) == 1
+    harness.wait_sessions_closed("mx.sts-enforce.test", since=mark)
+    with_mail = [s for s in harness.mx_sessions("mx.sts-enforce.test", since=mark)
+                 if any(c.upper().startswith("MAIL") for c in s.commands)]
+    assert len(with_mail) == 2, [s.commands for s in with_mail]
+    strict = harness.new_address(domain)
+    mark = harness.mark()
+    (err,) = _sequence(harness, workdir, [[strict, "Subject: c\r\n", {"requiretls": True}]], "relaxed_requiretls no")
+    assert err and err.startswith("550 5.7.30") and "REQUIRETLS" in err, err
+    assert harness.count_commands("mx.sts-enforce.test", "MAIL", since=mark) == 0
+    assert harness.mailbox(strict) == []
+
