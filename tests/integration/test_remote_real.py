@@ -202,19 +202,69 @@ def test_content_sent_with_bdat_to_postfix_B_95(harness, deliver):
     assert commands.index(bdat[0]) > max(i for i, c in enumerate(commands) if c.startswith("RCPT"))
 
 
+_DELIVER_SEQUENCE = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time
+from maddylite.config.parser import parse_string
+from maddylite.interfaces import MsgMetadata
+from maddylite.modules.endpoint.smtp import tls_required_no
+from maddylite.modules.target.remote import RemoteTarget
+from maddylite.runtime import ConfigSource, Runtime
+
+workdir, ca, steps, extra, port = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+RemoteTarget.smtp_port = port  # a private sink may listen on an MX's address, another port
+conf = (f"state_dir {workdir}/state\\nhostname mx.sender.test\\nmx_auth p {{\\n mtasts\\n local_policy\\n}}\\n"
+        f"target.remote r {{\\n mx_auth &p\\n {extra}\\n tls_client {{\\n  root_ca {ca}\\n }}\\n}}\\n")
+rt = Runtime(ConfigSource(workdir + "/seq.conf"))
+rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/seq.conf"))
+for m in rt.modules:
+    m.start()
+target = next(m for m in rt.modules if m.mod_name == "target.remote")
+results, took = [], []
+for i, (rcpt, header, *flags) in enumerate(steps):
+    header = header.encode()
+    meta = MsgMetadata(id=f"m{i}", tls_required_no=tls_required_no(header), **(flags[0] if flags else {}))
+    start = time.monotonic()
+    d = target.start_delivery(meta, "sender@sender.test")
+    try:
+        d.add_rcpt(rcpt)
+        d.body(header, b"hello\\r\\n")
+        d.commit()
+        results.append(None)
+    except Exception as e:
+        d.abort()
+        results.append(str(e))
+    took.append(time.monotonic() - start)
+print(json.dumps({"results": results, "took": took}))
+"""
+
+
+def _sequence(harness, workdir, steps, extra="", port=25):
+    """_sequence delivers ``steps`` ([recipient, header(, MsgMetadata flags)]) one after
+    another through one target.remote inside the namespace (so pooled connections carry
+    over); returns (per-step error text or None, per-step seconds)."""
+    import json
+    import sys
+
+    p = harness.ns_run([sys.executable, "-c", _DELIVER_SEQUENCE, str(workdir), str(harness.ca_pem_path), json.dumps(steps),
+                        extra, str(port)], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return out["results"], out["took"]
+
+
 def test_connection_reuse_seen_by_postfix_B_59_B_60(harness, workdir):
     """B-59/B-60 against Postfix: two deliveries to one domain, one after the other, over
     authenticated TLS: Postfix's log shows one session carrying both messages, each
     transaction after the first preceded by RSET, and both messages arrive."""
-    import sys
-
     domain = _scenario_domain(harness, "tls")
+    rcpts = [harness.new_address(domain) for _ in range(2)]
     mark = harness.mark()
-    p = harness.ns_run([sys.executable, "-c", _DELIVER_TWICE, "25", str(workdir), domain, str(harness.ca_pem_path)],
-                       timeout=60)
-    assert p.returncode == 0, p.stderr[-2000:]
-    for i in range(2):
-        assert len(harness.wait_mailbox(f"r{i}@{domain}")) == 1
+    results, _ = _sequence(harness, workdir, [[r, "Subject: reuse\r\n"] for r in rcpts], "conn_reuse_limit 10")
+    assert results == [None, None]
+    for r in rcpts:
+        assert len(harness.wait_mailbox(r)) == 1
     harness.wait_sessions_closed("mx.tls.test", since=mark)
     sessions = [s for s in harness.mx_sessions("mx.tls.test", since=mark)
                 if any(c.upper().startswith("MAIL") for c in s.commands)]
@@ -223,36 +273,6 @@ def test_connection_reuse_seen_by_postfix_B_59_B_60(harness, workdir):
     assert verbs.count("MAIL") == 2 and "STARTTLS" in verbs
     second = verbs.index("MAIL", verbs.index("MAIL") + 1)
     assert "RSET" in verbs[verbs.index("MAIL"):second]
-
-
-_DELIVER_TWICE = """
-from gevent import monkey
-monkey.patch_all()
-import json, sys, time
-from maddylite.config.parser import parse_string
-from maddylite.interfaces import MsgMetadata
-from maddylite.modules.target.remote import RemoteTarget
-from maddylite.runtime import ConfigSource, Runtime
-
-port, workdir, domain = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-ca = f"\\n tls_client {{\\n  root_ca {sys.argv[4]}\\n }}" if len(sys.argv) > 4 else ""
-RemoteTarget.smtp_port = port  # the delaying sink listens on the MX's address, another port
-conf = f"state_dir {workdir}/state\\nhostname mx.sender.test\\ntarget.remote r {{\\n conn_reuse_limit 10{ca}\\n}}\\n"
-rt = Runtime(ConfigSource(workdir + "/twice.conf"))
-rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/twice.conf"))
-for m in rt.modules:
-    m.start()
-target = next(m for m in rt.modules if m.mod_name == "target.remote")
-took = []
-for i in range(2):
-    start = time.monotonic()
-    d = target.start_delivery(MsgMetadata(id=f"m{i}"), "sender@sender.test")
-    d.add_rcpt(f"r{i}@{domain}")
-    d.body(b"Subject: delayed\\r\\n", b"hello\\r\\n")
-    d.commit()
-    took.append(time.monotonic() - start)
-print(json.dumps(took))
-"""
 
 
 def _free_port(addr):
@@ -277,9 +297,7 @@ def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harn
     sent behind it, out of order. Nothing may follow the content before its reply: each of
     two deliveries over one reused connection takes its second (a RSET pipelined after the
     content would have had its 250 taken for the message's at once)."""
-    import json
     import subprocess
-    import sys
     import time
 
     addr = str(harness.host("mx.bench.test").ipv4)
@@ -292,9 +310,9 @@ def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harn
         while not harness.ns_call(_listening, addr, port):
             assert sink.poll() is None and time.monotonic() < deadline, "smtp-sink did not start"
             time.sleep(0.05)
-        p = harness.ns_run([sys.executable, "-c", _DELIVER_TWICE, str(port), str(workdir), domain], timeout=60)
-        assert p.returncode == 0, p.stderr[-2000:]
-        took = json.loads(p.stdout.strip().splitlines()[-1])
+        results, took = _sequence(harness, workdir, [[f"r{i}@{domain}", "Subject: delayed\r\n"] for i in range(2)],
+                                  "conn_reuse_limit 10", port=port)
+        assert results == [None, None]
         assert len(took) == 2 and all(t >= 0.9 for t in took), took
     finally:
         sink.terminate()
@@ -429,50 +447,12 @@ def test_a_message_cannot_smuggle_a_second_one_over_data_B_95_B_97(harness, deli
     assert harness.mailbox(f"victim@{domain}") == []
 
 
-_DELIVER_SEQUENCE = """
-from gevent import monkey
-monkey.patch_all()
-import json, sys
-from maddylite.config.parser import parse_string
-from maddylite.interfaces import MsgMetadata
-from maddylite.modules.endpoint.smtp import tls_required_no
-from maddylite.runtime import ConfigSource, Runtime
-
-workdir, ca, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-extra = sys.argv[4] if len(sys.argv) > 4 else ""
-conf = (f"state_dir {workdir}/state\\nhostname mx.sender.test\\nmx_auth p {{\\n mtasts\\n local_policy\\n}}\\n"
-        f"target.remote r {{\\n mx_auth &p\\n {extra}\\n tls_client {{\\n  root_ca {ca}\\n }}\\n}}\\n")
-rt = Runtime(ConfigSource(workdir + "/seq.conf"))
-rt.configure(require_endpoint=False, nodes=parse_string(conf, filename=workdir + "/seq.conf"))
-for m in rt.modules:
-    m.start()
-target = next(m for m in rt.modules if m.mod_name == "target.remote")
-out = []
-for i, (rcpt, header, *flags) in enumerate(steps):
-    header = header.encode()
-    meta = MsgMetadata(id=f"m{i}", tls_required_no=tls_required_no(header), **(flags[0] if flags else {}))
-    d = target.start_delivery(meta, "sender@sender.test")
-    try:
-        d.add_rcpt(rcpt)
-        d.body(header, b"hello\\r\\n")
-        d.commit()
-        out.append(None)
-    except Exception as e:
-        d.abort()
-        out.append(str(e))
-print(json.dumps(out))
-"""
-
-
 def test_a_pooled_weaker_session_never_serves_stricter_mail_B_66_C_55(harness, workdir):
     """B-66/C-55 across deliveries, against Postfix: one MX without STARTTLS serves
     sts-shared.test (no policy) and sts-notls.test (MTA-STS enforce). A plaintext
     connection pooled by sts-shared.test, or by a `TLS-Required: No` message to
     sts-notls.test, is never taken by a later sts-notls.test message: that one is refused
     and Postfix sees no MAIL for it."""
-    import json
-    import sys
-
     shared = harness.new_address(_scenario_domain(harness, "sts-shared"))
     strict = harness.new_address(_scenario_domain(harness, "sts-notls"))
     waived = harness.new_address(_scenario_domain(harness, "sts-notls"))
@@ -481,10 +461,7 @@ def test_a_pooled_weaker_session_never_serves_stricter_mail_B_66_C_55(harness, w
     steps = [[shared, plain_header], [strict, plain_header], [waived, "TLS-Required: No\r\n" + plain_header],
              [strict2, plain_header]]
     mark = harness.mark()
-    p = harness.ns_run([sys.executable, "-c", _DELIVER_SEQUENCE, str(workdir), str(harness.ca_pem_path), json.dumps(steps)],
-                       timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    results = json.loads(p.stdout.strip().splitlines()[-1])
+    results, _ = _sequence(harness, workdir, steps)
     assert results[0] is None and results[2] is None, results
     for i in (1, 3):
         assert results[i] and "MTA-STS" in results[i], results
@@ -541,16 +518,6 @@ def test_recipients_over_the_mx_limit_fail_temporarily_B_32(harness, deliver):
     assert len(harness.wait_mailbox(rcpts[0])) == 1 and harness.mailbox(rcpts[100]) == []
 
 
-def _sequence(harness, workdir, steps, extra=""):
-    import json
-    import sys
-
-    p = harness.ns_run([sys.executable, "-c", _DELIVER_SEQUENCE, str(workdir), str(harness.ca_pem_path), json.dumps(steps),
-                        extra], timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def test_requiretls_never_takes_a_pooled_connection_and_strict_mode_refuses_B_68_B_72(harness, workdir):
     """B-68: a REQUIRETLS message to an MTA-STS enforce domain (authenticated TLS, MX level
     mtasts) after an ordinary one opens a connection of its own (Postfix logs two sessions
@@ -559,8 +526,8 @@ def test_requiretls_never_takes_a_pooled_connection_and_strict_mode_refuses_B_68
     domain = _scenario_domain(harness, "sts-enforce")
     first, second = harness.new_address(domain), harness.new_address(domain)
     mark = harness.mark()
-    assert _sequence(harness, workdir, [[first, "Subject: a\r\n"], [second, "Subject: b\r\n", {"requiretls": True}]]) \
-        == [None, None]
+    results, _ = _sequence(harness, workdir, [[first, "Subject: a\r\n"], [second, "Subject: b\r\n", {"requiretls": True}]])
+    assert results == [None, None]
     assert len(harness.wait_mailbox(first)) == 1 and len(harness.wait_mailbox(second)) == 1
     harness.wait_sessions_closed("mx.sts-enforce.test", since=mark)
     with_mail = [s for s in harness.mx_sessions("mx.sts-enforce.test", since=mark)
@@ -568,7 +535,7 @@ def test_requiretls_never_takes_a_pooled_connection_and_strict_mode_refuses_B_68
     assert len(with_mail) == 2, [s.commands for s in with_mail]
     strict = harness.new_address(domain)
     mark = harness.mark()
-    (err,) = _sequence(harness, workdir, [[strict, "Subject: c\r\n", {"requiretls": True}]], "relaxed_requiretls no")
+    (err,), _ = _sequence(harness, workdir, [[strict, "Subject: c\r\n", {"requiretls": True}]], "relaxed_requiretls no")
     assert err and err.startswith("550 5.7.30") and "REQUIRETLS" in err, err
     assert harness.count_commands("mx.sts-enforce.test", "MAIL", since=mark) == 0
     assert harness.mailbox(strict) == []
