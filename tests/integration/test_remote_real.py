@@ -540,3 +540,31 @@ def test_requiretls_never_takes_a_pooled_connection_and_strict_mode_refuses_B_68
     assert harness.count_commands("mx.sts-enforce.test", "MAIL", since=mark) == 0
     assert harness.mailbox(strict) == []
 
+
+
+def test_refusals_of_mail_and_of_the_content_from_postfix_B_19_B_35_B_62(harness, deliver, workdir):
+    """Against Postfix (the reject scenario's magic values): MAIL refused 550 fails the
+    recipient for good (B-19); the content refused 550 or deferred 451 after the final dot
+    fails with that reply (B-35); and a connection whose content was refused is never
+    reused: the next message opens a session of its own (B-62)."""
+    domain = _scenario_domain(harness, "reject")
+    rcpt = harness.new_address(domain, prefix="ok")
+    _, res, log = deliver([rcpt], sender="reject-mail@sender.test")
+    assert (res[rcpt].code, res[rcpt].enhanced, res[rcpt].status) == (550, "5.7.1", "permanent-failure"), log[-2000:]
+    for subject, code, enhanced, status in (("harness-reject-data", 550, "5.7.1", "permanent-failure"),
+                                            ("harness-defer-data", 451, "4.7.1", "temporary-failure")):
+        rcpt = harness.new_address(domain, prefix="ok")
+        message = f"From: sender@sender.test\r\nSubject: {subject}\r\n\r\nhello\r\n".encode()
+        _, res, log = deliver([rcpt], message=message)
+        assert (res[rcpt].code, res[rcpt].enhanced, res[rcpt].status) == (code, enhanced, status), log[-2000:]
+        assert harness.mailbox(rcpt) == []
+    refused, after = harness.new_address(domain, prefix="ok"), harness.new_address(domain, prefix="ok")
+    mark = harness.mark()
+    results, _ = _sequence(harness, workdir, [[refused, "Subject: harness-reject-data\r\n"], [after, "Subject: fine\r\n"]],
+                           "conn_reuse_limit 10")
+    assert results[0] and results[0].startswith("550") and results[1] is None, results
+    assert len(harness.wait_mailbox(after)) == 1
+    harness.wait_sessions_closed("mx.reject.test", since=mark)
+    with_mail = [s for s in harness.mx_sessions("mx.reject.test", since=mark)
+                 if any(c.upper().startswith("MAIL") for c in s.commands)]
+    assert len(with_mail) == 2, [s.commands for s in with_mail]
