@@ -568,3 +568,74 @@ def test_refusals_of_mail_and_of_the_content_from_postfix_B_19_B_35_B_62(harness
     with_mail = [s for s in harness.mx_sessions("mx.reject.test", since=mark)
                  if any(c.upper().startswith("MAIL") for c in s.commands)]
     assert len(with_mail) == 2, [s.commands for s in with_mail]
+
+
+STRIPPED_NS = "127.0.0.5"  # a loopback address of the namespace where nothing listens
+
+
+def _stripping_unbound(harness, workdir, domain):
+    """A second validating unbound, the harness's own configuration on another loopback
+    address, except that it answers NXDOMAIN for ``_mta-sts.<domain>``: an attacker who
+    strips the MTA-STS TXT record."""
+    import subprocess
+    import time
+
+    out = []
+    for line in harness.unbound_conf_path.read_text().splitlines():
+        key = line.strip().split(":", 1)[0]
+        if key == "interface":
+            continue  # the one address is added after "server:"
+        if key in ("pidfile", "logfile"):
+            line = f'  {key}: "{workdir}/stripping-unbound.{key}"'
+        elif key == "directory":
+            line = f'  directory: "{workdir}"'
+        elif key == "control-enable":
+            line = "  control-enable: no"
+        elif key in ("control-interface", "control-use-cert"):
+            continue
+        out.append(line)
+        if line.strip() == "server:":
+            out.append(f"  interface: {STRIPPED_NS}")
+        if key == "local-zone":
+            out.append(f'  local-zone: "_mta-sts.{domain}." always_nxdomain')
+    conf = workdir / "stripping-unbound.conf"
+    conf.write_text("\n".join(out) + "\n")
+    proc = harness.ns_popen(["unbound", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        answer = harness.dig(f"_mta-sts.{domain}", "TXT", server=STRIPPED_NS)
+        if "status: NXDOMAIN" in answer:
+            return proc
+        assert proc.poll() is None and time.monotonic() < deadline, f"stripping unbound did not answer: {answer}"
+        time.sleep(0.1)
+
+
+def test_a_cached_mta_sts_policy_outlives_a_stripped_txt_record_C_18_C_30_C_38(harness, deliver, workdir):
+    """C-18/C-30/C-38 with the real nginx and unbound: an attacker strips the MTA-STS TXT
+    record (a resolver answering NXDOMAIN for it). Without a cached policy the message would
+    go to the MX the policy does not list (the control: delivered). With the policy cached
+    on disk by an earlier delivery, it still applies: refused, that MX never sees MAIL, and
+    the policy is not fetched again."""
+    import shutil
+
+    domain = _scenario_domain(harness, "sts-nomatch")
+    stripping = _stripping_unbound(harness, workdir, domain)
+    try:
+        resolv = f"nameserver {STRIPPED_NS}\noptions trust-ad edns0\n"
+        control = harness.new_address(domain)
+        _, res, log = deliver([control], policies=STS_ONLY, resolv_conf=resolv)
+        assert res[control].status == "delivered", log[-2000:]  # stripped and nothing cached: no policy
+        shutil.rmtree(workdir / "state")
+        first = harness.new_address(domain)
+        _, res, log = deliver([first], policies=STS_ONLY)
+        assert res[first].status == "temporary-failure" and "MTA-STS" in res[first].text, log[-2000:]
+        mark = harness.mark()
+        later = harness.new_address(domain)
+        _, res, log = deliver([later], policies=STS_ONLY, resolv_conf=resolv)
+        assert res[later].status == "temporary-failure" and "MTA-STS" in res[later].text, log[-2000:]
+        assert harness.count_commands("mx.sts-nomatch.test", "MAIL", since=mark) == 0
+        assert harness.count_sts_fetches(domain, since=mark) == 0
+        assert harness.mailbox(later) == []
+    finally:
+        stripping.terminate()
+        stripping.wait(10)
