@@ -275,6 +275,17 @@ def test_connection_reuse_seen_by_postfix_B_59_B_60(harness, workdir):
     assert "RSET" in verbs[verbs.index("MAIL"):second]
 
 
+def _await_ready(proc, ready, what, timeout=20.0):
+    """_await_ready waits until ``ready()`` holds for a private daemon the test started,
+    failing at once if the daemon died."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
+
+
 def _free_port(addr):
     import socket
 
@@ -298,7 +309,6 @@ def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harn
     two deliveries over one reused connection takes its second (a RSET pipelined after the
     content would have had its 250 taken for the message's at once)."""
     import subprocess
-    import time
 
     addr = str(harness.host("mx.bench.test").ipv4)
     domain = harness.bench_domains()[0]
@@ -306,10 +316,7 @@ def test_a_delayed_reply_to_the_content_is_awaited_from_smtp_sink_B_62_B_60(harn
     sink = harness.ns_popen(["smtp-sink", "-u", "nobody", "-h", "sink.test", "-W", ".:1", f"{addr}:{port}", "100"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not harness.ns_call(_listening, addr, port):
-            assert sink.poll() is None and time.monotonic() < deadline, "smtp-sink did not start"
-            time.sleep(0.05)
+        _await_ready(sink, lambda: harness.ns_call(_listening, addr, port), "smtp-sink")
         results, took = _sequence(harness, workdir, [[f"r{i}@{domain}", "Subject: delayed\r\n"] for i in range(2)],
                                   "conn_reuse_limit 10", port=port)
         assert results == [None, None]
@@ -328,7 +335,6 @@ def _untrusted_nsd(harness, workdir):
     on a non-loopback address: what a resolv.conf's second, untrusted nameserver would
     answer when an attacker feeds it."""
     import subprocess
-    import time
 
     out = []
     for line in (harness.workdir / "dns" / "nsd.conf").read_text().splitlines():
@@ -345,13 +351,9 @@ def _untrusted_nsd(harness, workdir):
     conf = workdir / "nsd-untrusted.conf"
     conf.write_text("\n".join(out) + "\n")
     nsd = harness.ns_popen(["nsd", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        p = harness.ns_run(["dig", f"@{UNTRUSTED_NS}", "+norec", "+time=1", "+tries=1", "bogus.test", "MX"], timeout=10)
-        if "status: NOERROR" in p.stdout and "mx.bogus.test" in p.stdout:
-            return nsd
-        assert nsd.poll() is None and time.monotonic() < deadline, f"private nsd did not answer: {p.stdout}{p.stderr}"
-        time.sleep(0.1)
+    _await_ready(nsd, lambda: "mx.bogus.test" in harness.dig("+norec", "bogus.test", "MX", server=UNTRUSTED_NS),
+                 "the private nsd")
+    return nsd
 
 
 def test_a_bogus_answer_is_not_replaced_by_an_untrusted_nameservers_C_63_B_14(harness, deliver, workdir):
@@ -578,7 +580,6 @@ def _stripping_unbound(harness, workdir, domain):
     address, except that it answers NXDOMAIN for ``_mta-sts.<domain>``: an attacker who
     strips the MTA-STS TXT record."""
     import subprocess
-    import time
 
     out = []
     for line in harness.unbound_conf_path.read_text().splitlines():
@@ -601,13 +602,9 @@ def _stripping_unbound(harness, workdir, domain):
     conf = workdir / "stripping-unbound.conf"
     conf.write_text("\n".join(out) + "\n")
     proc = harness.ns_popen(["unbound", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        answer = harness.dig(f"_mta-sts.{domain}", "TXT", server=STRIPPED_NS)
-        if "status: NXDOMAIN" in answer:
-            return proc
-        assert proc.poll() is None and time.monotonic() < deadline, f"stripping unbound did not answer: {answer}"
-        time.sleep(0.1)
+    _await_ready(proc, lambda: "status: NXDOMAIN" in harness.dig(f"_mta-sts.{domain}", "TXT", server=STRIPPED_NS),
+                 "the stripping unbound")
+    return proc
 
 
 def test_a_cached_mta_sts_policy_outlives_a_stripped_txt_record_C_18_C_30_C_38(harness, deliver, workdir):
